@@ -1,0 +1,1 @@
+"""Datasets and LightningDataModules for every supported format, plus synthetic ground truth."""

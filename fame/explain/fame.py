@@ -1,0 +1,182 @@
+"""Public FAME entry points for classification, verification and feature maps."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .engine import FameConfig, FameStats, attribution_map, check_images, lots_perturbation, perturbation_maps
+from .guard import explaining
+from .objectives import (
+    VERIFICATION_MODES,
+    ClassLogit,
+    CosineToReference,
+    FeatureActivation,
+    check_locations,
+    grid_locations,
+    resolve_layer,
+)
+
+#: The paper's setting for face verification: stop once the similarity loss is below 0.01.
+VERIFICATION_EPSILON = 0.01
+
+
+def _check_targets(targets, batch: int, device) -> Tensor:
+    targets = torch.as_tensor(targets).to(device)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class indices, got dtype {targets.dtype}")
+    if targets.dim() == 0:
+        targets = targets.expand(batch)
+    if targets.dim() != 1 or targets.shape[0] != batch:
+        raise ValueError(
+            f"targets must hold one class index per image, shape ({batch},), got shape {tuple(targets.shape)}"
+        )
+    return targets.long().clone()
+
+
+def explain_classification(
+    model: nn.Module,
+    images: Tensor,
+    targets: Union[Tensor, Sequence[int], int],
+    config: Optional[FameConfig] = None,
+    absolute: bool = False,
+    return_stats: bool = False,
+):
+    """FAME maps (B, 1, H, W) in [0, 1] for class ``targets`` of a classifier returning logits.
+
+    The loss is the target logit z_o (``absolute=True``: |z_o|); the paper runs T = 500 steps with
+    no early stop. The step is taken in the space ``images`` live in: hand the normalized tensor to
+    perturb it, or [0, 1] pixels to a model that normalizes inside.
+    """
+    config = config or FameConfig()
+    check_images(images)
+    with explaining(model):
+        inputs = images.detach().clone()
+        objective = ClassLogit(model, _check_targets(targets, inputs.shape[0], inputs.device), absolute)
+        return perturbation_maps(objective, inputs, config, return_stats)
+
+
+def _broadcast_references(reference_images: Tensor, batch: int) -> Tensor:
+    if isinstance(reference_images, Tensor) and reference_images.dim() == 3:
+        reference_images = reference_images.unsqueeze(0)
+    check_images(reference_images, "reference_images")
+    if reference_images.shape[0] not in (1, batch):
+        raise ValueError(
+            f"reference_images must be one image or one per sample ({batch}), got shape "
+            f"{tuple(reference_images.shape)}"
+        )
+    return reference_images
+
+
+def embed(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Embeddings of ``images`` without gradients (B, D)."""
+    with torch.no_grad():
+        chunks = [model(images[start : start + batch_size]) for start in range(0, images.shape[0], batch_size)]
+    return torch.cat(chunks)
+
+
+def explain_verification(
+    model: nn.Module,
+    images: Tensor,
+    reference_images: Tensor,
+    config: Optional[FameConfig] = None,
+    modes: Sequence[str] = VERIFICATION_MODES,
+    return_stats: bool = False,
+):
+    """FAME maps for face pairs: which regions of ``images`` support ("similar", e+) or oppose
+    ("dissimilar", e-) the match with ``reference_images``.
+
+    ``reference_images`` is one image for the whole batch or one per sample; its embedding is
+    computed once and frozen, so a map explains ``images`` only (swap the roles for the other
+    side). Without a config the paper's setting is used: FameConfig(epsilon=0.01). All modes run
+    as one batch. Returns ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with
+    ``return_stats=True``).
+    """
+    config = config or FameConfig(epsilon=VERIFICATION_EPSILON)
+    check_images(images)
+    modes = tuple(modes)
+    unknown = [mode for mode in modes if mode not in VERIFICATION_MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct values among {VERIFICATION_MODES}, got {modes}")
+    batch = images.shape[0]
+    references = _broadcast_references(reference_images, batch)
+    if references.shape[1] != images.shape[1]:
+        raise ValueError(
+            f"reference_images must have {images.shape[1]} channels like images, got shape {tuple(references.shape)}"
+        )
+    with explaining(model):
+        inputs = images.detach().clone()
+        reference_embeddings = embed(model, references.detach().clone().to(inputs.device)).expand(batch, -1)
+        stacked = inputs.repeat(len(modes), 1, 1, 1)
+        dissimilar = torch.tensor([mode == "dissimilar" for mode in modes], device=inputs.device)
+        dissimilar = dissimilar.repeat_interleave(batch)
+        objective = CosineToReference(model, reference_embeddings.repeat(len(modes), 1), dissimilar)
+        result = lots_perturbation(objective, stacked, config)
+        maps = attribution_map(stacked, result.perturbed, config)
+    out = {mode: maps[k * batch : (k + 1) * batch] for k, mode in enumerate(modes)}
+    if not return_stats:
+        return out
+    stats = {
+        mode: FameStats(
+            result.stats.iterations[k * batch : (k + 1) * batch],
+            result.stats.initial_loss[k * batch : (k + 1) * batch],
+            result.stats.final_loss[k * batch : (k + 1) * batch],
+        )
+        for k, mode in enumerate(modes)
+    }
+    return out, stats
+
+
+def feature_map_size(model: nn.Module, layer: Union[str, nn.Module], image: Tensor) -> Tuple[int, int]:
+    """Spatial size (h, w) of ``layer``'s output for ``image`` (1, C, H, W)."""
+    module = resolve_layer(model, layer)
+    with explaining(model), torch.no_grad():
+        locations = torch.zeros(1, 2, dtype=torch.long, device=image.device)
+        with FeatureActivation(model, module, locations) as capture:
+            features = capture.activations(image[:1].detach().clone())
+    return int(features.shape[-2]), int(features.shape[-1])
+
+
+def explain_feature_map(
+    model: nn.Module,
+    layer: Union[str, nn.Module],
+    image: Tensor,
+    locations: Optional[Union[Sequence[Tuple[int, int]], Tensor]] = None,
+    config: Optional[FameConfig] = None,
+    batch_size: Optional[int] = None,
+    return_stats: bool = False,
+):
+    """FAME maps (L, 1, H, W) of one image for L locations (row, col) of ``layer``'s output.
+
+    The loss at location k is sum_c |a_c[k]| (paper Sec. 4.1); ``locations`` defaults to every
+    cell of the layer's output, row-major (49 for ResNet ``layer4`` at 224 px). The locations run
+    as one batch, or in chunks of ``batch_size``. ``layer`` is a submodule or its dotted name.
+    """
+    config = config or FameConfig()
+    if isinstance(image, Tensor) and image.dim() == 3:
+        image = image.unsqueeze(0)
+    check_images(image, "image")
+    if image.shape[0] != 1:
+        raise ValueError(f"image must be a single image (1, C, H, W) or (C, H, W), got shape {tuple(image.shape)}")
+    module = resolve_layer(model, layer)
+    height, width = feature_map_size(model, module, image)
+    if locations is None:
+        locations = grid_locations(height, width, image.device)
+    locations = check_locations(locations, height, width, image.device)
+    chunk = batch_size or locations.shape[0]
+    maps, stats = [], []
+    with explaining(model):
+        source = image.detach().clone()
+        for start in range(0, locations.shape[0], chunk):
+            selected = locations[start : start + chunk]
+            inputs = source.expand(selected.shape[0], -1, -1, -1).clone()
+            with FeatureActivation(model, module, selected) as objective:
+                result = lots_perturbation(objective, inputs, config)
+            maps.append(attribution_map(inputs, result.perturbed, config))
+            stats.append(result.stats)
+    maps = torch.cat(maps)
+    if not return_stats:
+        return maps
+    return maps, FameStats(*(torch.cat([getattr(s, name) for s in stats]) for name in ("iterations", "initial_loss", "final_loss")))

@@ -1,0 +1,176 @@
+"""The losses FAME descends (DESIGN.md section 1, "Losses").
+
+Each objective maps a batch of images to one loss per sample and takes ``index``, the positions
+of those images in the original batch, so the engine can drop finished samples.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+VERIFICATION_MODES = ("similar", "dissimilar")
+
+
+def _forward_2d(model: nn.Module, images: Tensor, what: str) -> Tensor:
+    output = model(images)
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(f"the model must return {what} of shape (B, D) for B = {images.shape[0]}, got {shape}")
+    return output
+
+
+class ClassLogit:
+    """Classification loss z_o, the logit of each sample's class o (or |z_o|)."""
+
+    accepts_index = True
+
+    def __init__(self, model: nn.Module, targets: Tensor, absolute: bool = False):
+        self.model = model
+        self.targets = targets
+        self.absolute = absolute
+        self._checked = False
+
+    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+        logits = _forward_2d(self.model, images, "logits")
+        if not self._checked:
+            if int(self.targets.max()) >= logits.shape[1] or int(self.targets.min()) < 0:
+                raise ValueError(
+                    f"targets must be class indices in [0, {logits.shape[1]}), got {self.targets.tolist()}"
+                )
+            self._checked = True
+        targets = self.targets[index]
+        chosen = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+        return chosen.abs() if self.absolute else chosen
+
+
+class CosineToReference:
+    """Verification loss: s = cos(phi(x), phi_ref) ("similar", e+) or 1 - s ("dissimilar", e-).
+
+    Gradients flow through the norm of phi(x); phi_ref is a frozen, L2-normalized embedding per
+    sample; ``dissimilar`` is a boolean per sample choosing 1 - s.
+    """
+
+    accepts_index = True
+
+    def __init__(self, model: nn.Module, reference_embeddings: Tensor, dissimilar: Tensor):
+        self.model = model
+        self.reference = F.normalize(reference_embeddings.detach(), dim=1)
+        self.dissimilar = dissimilar
+
+    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+        embeddings = _forward_2d(self.model, images, "embeddings")
+        if embeddings.shape[1] != self.reference.shape[1]:
+            raise ValueError(
+                f"embedding size {embeddings.shape[1]} differs from the reference's {self.reference.shape[1]}"
+            )
+        similarity = (F.normalize(embeddings, dim=1) * self.reference[index]).sum(dim=1)
+        return torch.where(self.dissimilar[index], 1.0 - similarity, similarity)
+
+
+class LayerNotReached(RuntimeError):
+    """The forward pass never ran the requested layer."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to skip the layers after the one being explained."""
+
+
+class FeatureActivation:
+    """Feature-map loss (paper Sec. 4.1): sum_c |a_c[k]| at location k = (row, col) of ``layer``.
+
+    A forward hook captures the layer's output and stops the forward pass there, so the layers
+    after it cost nothing. Use as a context manager; the hook is removed on exit.
+    """
+
+    accepts_index = True
+
+    def __init__(self, model: nn.Module, layer: nn.Module, locations: Tensor):
+        self.model = model
+        self.layer = layer
+        self.locations = locations
+        self._captured: Optional[Tensor] = None
+        self._handle = None
+
+    def __enter__(self) -> "FeatureActivation":
+        self._handle = self.layer.register_forward_hook(self._capture)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _capture(self, module: nn.Module, inputs, output) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        self._captured = output
+        raise _StopForward
+
+    def activations(self, images: Tensor) -> Tensor:
+        """The layer's output (B, C, h, w) for ``images``."""
+        if self._handle is None:
+            raise RuntimeError("FeatureActivation must be used inside a `with` block")
+        self._captured = None
+        try:
+            self.model(images)
+        except _StopForward:
+            pass
+        output = self._captured
+        self._captured = None
+        if output is None:
+            raise LayerNotReached(
+                f"the layer {type(self.layer).__name__} was never reached by the model's forward pass; "
+                "pass a module that the model calls (e.g. model.layer4 for a ResNet)"
+            )
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(f"the layer's output must be a feature map of shape (B, C, h, w), got {shape}")
+        return output
+
+    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+        features = self.activations(images)
+        rows, cols = self.locations[index].unbind(dim=1)
+        batch = torch.arange(features.shape[0], device=features.device)
+        return features[batch, :, rows, cols].abs().sum(dim=1)
+
+
+def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> nn.Module:
+    """A submodule given as a module or as a dotted name such as ``"layer4"`` or ``"features.28"``."""
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer)
+        except AttributeError as error:
+            raise ValueError(f"the model has no submodule named {layer!r}: {error}") from None
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be an nn.Module or a dotted submodule name, got {type(layer).__name__}")
+    if not any(module is layer for module in model.modules()):
+        raise ValueError(f"the layer {type(layer).__name__} is not a submodule of the model")
+    return layer
+
+
+def grid_locations(height: int, width: int, device=None) -> Tensor:
+    """Every (row, col) of an h x w feature map, row-major, shape (h * w, 2)."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1).to(device)
+
+
+def check_locations(locations: Union[Sequence[Tuple[int, int]], Tensor], height: int, width: int, device) -> Tensor:
+    """Validate (row, col) pairs against an h x w feature map; returns a (L, 2) long tensor."""
+    locations = torch.as_tensor(locations, dtype=torch.long).to(device)
+    if locations.dim() == 1 and locations.numel() == 2:
+        locations = locations.view(1, 2)
+    if locations.dim() != 2 or locations.shape[1] != 2 or locations.shape[0] == 0:
+        raise ValueError(f"locations must be (row, col) pairs of shape (L, 2), got shape {tuple(locations.shape)}")
+    rows, cols = locations.unbind(dim=1)
+    if bool((rows < 0).any() | (rows >= height).any() | (cols < 0).any() | (cols >= width).any()):
+        raise ValueError(
+            f"locations must lie inside the layer's {height}x{width} feature map (0 <= row < {height}, "
+            f"0 <= col < {width}), got {locations.tolist()}"
+        )
+    return locations

@@ -1,0 +1,1 @@
+"""Model zoo: classifiers, face backbones, margin heads and checkpoint loaders."""
