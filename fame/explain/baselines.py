@@ -1,0 +1,102 @@
+"""Baseline attribution maps FAME is compared with (DESIGN.md section 2).
+
+CAM-family methods go through the ``grad-cam`` package (pytorch_grad_cam) with its own
+per-map min-max scaling and resize to the input size; the floors (random, centre Gaussian,
+Sobel edges) need no model. Every function returns maps (B, 1, H, W) on the input's device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from .engine import check_images, normalize_maps, to_gray
+from .guard import explaining
+
+CAM_METHODS: Dict[str, type] = {
+    "gradcam": GradCAM,
+    "gradcam_elementwise": GradCAMElementWise,
+    "hirescam": HiResCAM,
+    "fullgrad": FullGrad,
+}
+
+
+def cam_maps(
+    model: nn.Module,
+    layer: nn.Module,
+    images: Tensor,
+    targets: Union[Tensor, Sequence[int], Sequence[Callable[[Tensor], Tensor]]],
+    method: str = "gradcam",
+) -> Tensor:
+    """Grad-CAM, Grad-CAM element-wise, HiResCAM or FullGrad maps through pytorch_grad_cam.
+
+    ``targets`` are class indices, or grad-cam target callables (one per sample, e.g. a cosine
+    similarity to a frozen reference embedding for face models). Works under inference mode and
+    leaves the model as found (hooks released, flags and gradients restored).
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    check_images(images)
+    if isinstance(targets, Tensor):
+        targets = targets.tolist()
+    targets = list(targets)
+    if len(targets) != images.shape[0]:
+        raise ValueError(f"targets must hold one entry per image ({images.shape[0]}), got {len(targets)}")
+    targets = [ClassifierOutputTarget(int(t)) if not callable(t) else t for t in targets]
+    with explaining(model):
+        # The graph must reach the target layer through the input, since parameters are frozen.
+        inputs = images.detach().clone().requires_grad_(True)
+        with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+            maps = cam(input_tensor=inputs, targets=targets)
+    return torch.from_numpy(maps).unsqueeze(1).to(device=images.device, dtype=images.dtype)
+
+
+def random_maps(images: Tensor, seed: int = 0) -> Tensor:
+    """Uniform noise in [0, 1], the same for the same seed: the floor any method must beat."""
+    check_images(images)
+    generator = torch.Generator().manual_seed(int(seed))
+    batch, _, height, width = images.shape
+    return torch.rand(batch, 1, height, width, generator=generator).to(images.device, images.dtype)
+
+
+def centre_gaussian_maps(images: Tensor, sigma_fraction: float = 0.25) -> Tensor:
+    """A Gaussian bump at the image centre (sigma = fraction of the shorter side): the centre-bias floor."""
+    check_images(images)
+    batch, _, height, width = images.shape
+    rows = torch.arange(height, device=images.device, dtype=images.dtype) - (height - 1) / 2
+    cols = torch.arange(width, device=images.device, dtype=images.dtype) - (width - 1) / 2
+    sigma = sigma_fraction * min(height, width)
+    bump = torch.exp(-(rows[:, None] ** 2 + cols[None, :] ** 2) / (2 * sigma**2))
+    return normalize_maps(bump.expand(batch, 1, height, width).clone(), "minmax")
+
+
+def sobel_maps(images: Tensor) -> Tensor:
+    """Gradient magnitude of the luma (Sobel, replicate padding), min-max normalized: the edge floor."""
+    check_images(images)
+    gray = to_gray(images)
+    kernel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device, dtype=images.dtype)
+    kernels = torch.stack([kernel_x, kernel_x.t()]).unsqueeze(1)
+    gradients = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return normalize_maps(gradients.pow(2).sum(dim=1, keepdim=True).sqrt(), "minmax")
+
+
+FLOORS: Dict[str, Callable[..., Tensor]] = {
+    "random": random_maps,
+    "centre": centre_gaussian_maps,
+    "sobel": sobel_maps,
+}
+
+
+def floor_maps(name: str, images: Tensor, **options) -> Tensor:
+    """One of the model-free floors by name: "random", "centre" or "sobel"."""
+    if name not in FLOORS:
+        raise ValueError(f"unknown floor {name!r}; choose one of {', '.join(FLOORS)}")
+    return FLOORS[name](images, **options)
+
+
+__all__: List[str] = ["CAM_METHODS", "FLOORS", "cam_maps", "centre_gaussian_maps", "floor_maps", "random_maps", "sobel_maps"]

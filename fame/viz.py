@@ -1,0 +1,78 @@
+"""Overlays and image grids of attribution maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _to_numpy_image(image: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.clip(image, 0.0, 1.0)
+
+
+def _to_numpy_map(attribution: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    if isinstance(attribution, torch.Tensor):
+        attribution = attribution.detach().float().cpu().numpy()
+    attribution = np.asarray(attribution, dtype=np.float32)
+    while attribution.ndim > 2:
+        attribution = attribution[0]
+    return attribution
+
+
+def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a [0, 1] map over an image: (H, W, 3) float in [0, 1]."""
+    picture = _to_numpy_image(image)
+    heat = plt.get_cmap(cmap)(np.clip(_to_numpy_map(attribution), 0.0, 1.0))[..., :3]
+    return (1 - alpha) * picture + alpha * heat
+
+
+def save_overlay_grid(
+    images: Sequence,
+    maps: Dict[str, Sequence],
+    path: Union[str, Path],
+    row_titles: Optional[Sequence[str]] = None,
+    masks: Optional[Sequence] = None,
+    alpha: float = 0.5,
+) -> Path:
+    """One row per image: the image (with its evidence mask outlined, if given), then one overlay
+    per method, titled with the method's name. Written as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    methods = list(maps)
+    rows, cols = len(images), 1 + len(methods)
+    figure, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows), squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(_to_numpy_image(images[r]))
+        if masks is not None:
+            axes[r, 0].contour(_to_numpy_map(masks[r]), levels=[0.5], colors="lime", linewidths=0.8)
+        if row_titles is not None:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
+        for c, method in enumerate(methods, start=1):
+            axes[r, c].imshow(overlay(images[r], maps[method][r], alpha))
+            if r == 0:
+                axes[r, c].set_title(method, fontsize=9)
+        if r == 0:
+            axes[r, 0].set_title("image", fontsize=9)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
