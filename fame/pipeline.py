@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pandas as pd
 import torch
@@ -72,13 +73,18 @@ def train(config: DictConfig) -> Dict[str, float]:
     model_spec.setdefault("num_classes", data.num_classes)
     module = ImageClassifier(model=model_spec, **plain(config.optim))
     logger = wandb_logger(config, "train")
-    trainer = L.Trainer(logger=logger if logger is not None else False, enable_checkpointing=False,
-                        **plain(config.trainer))
-    trainer.fit(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     checkpoint = Path(config.checkpoint)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(checkpoint)
+    resume_dir = checkpoint.parent / "resume"
+    last = resume_dir / "last.ckpt"
+    trainer = L.Trainer(logger=logger if logger is not None else False,
+                        callbacks=[ModelCheckpoint(dirpath=resume_dir, save_last=True, save_top_k=0)],
+                        **plain(config.trainer))
+    resume = str(last) if config.resume and last.exists() else None
+    if resume:
+        print(f"resuming training from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    trainer.save_checkpoint(checkpoint, weights_only=True)
     if logger is not None:
         logger.experiment.finish()
     print(f"validation accuracy {metrics.get('val/acc', float('nan')):.3f}; checkpoint written to {checkpoint}")
