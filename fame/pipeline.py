@@ -25,6 +25,7 @@ from .explain import FameConfig, explain_classification
 from .explain.baselines import CAM_METHODS, FLOORS, cam_maps, floor_maps
 from .lightning.classifier import ImageClassifier, load_classifier
 from .metrics.localization import LOCALIZATION_METRICS
+from .models import target_layer
 from .store import MapStore
 from .viz import save_overlay_grid
 
@@ -112,7 +113,7 @@ def compute_maps(method: str, model: torch.nn.Module, images: torch.Tensor, targ
         return explain_classification(model, images, targets, fame_config(config.fame),
                                       absolute=config.get("absolute_logit", False))
     if method in CAM_METHODS:
-        return cam_maps(model, model.target_layer, images, targets, method)
+        return cam_maps(model, target_layer(model), images, targets, method)
     if method in FLOORS:
         options = {"seed": config.seed + batch_offset} if method == "random" else {}
         return floor_maps(method, images, **options)

@@ -1,6 +1,6 @@
 """The on-disk map store: one chunked zarr array of maps per method, addressed by sample id.
 
-Layout of ``<path>`` (a zarr v3 group):
+Layout of ``<path>`` (a zarr group, format v3 with zarr-python 3, v2 with zarr-python 2):
 
     attrs: {"ids": [sample ids in row order], "height": H, "width": W, "meta": {...}}
     <method>/maps   float (N, H, W), one chunk per sample
@@ -32,7 +32,7 @@ class MapStore:
         """
         self.path = Path(path)
         self.dtype = dtype
-        exists = (self.path / "zarr.json").exists()
+        exists = (self.path / "zarr.json").exists() or (self.path / ".zgroup").exists()  # zarr v3 / v2
         if not exists and (ids is None or size is None):
             raise FileNotFoundError(
                 f"no map store at {self.path}; run explain.py first, or pass ids and size to create one"
@@ -79,9 +79,9 @@ class MapStore:
                 raise KeyError(f"no maps for method {method!r} in {self.path}; stored methods: {self.methods}")
             sub = self.group.require_group(method)
             count, (height, width) = len(self.ids), self.size
-            sub.require_array("maps", shape=(count, height, width), chunks=(1, height, width),
-                              dtype=self.dtype, fill_value=0)
-            sub.require_array("done", shape=(count,), chunks=(1,), dtype="bool", fill_value=False)
+            require = getattr(sub, "require_array", None) or sub.require_dataset  # zarr v3 / v2
+            require("maps", shape=(count, height, width), chunks=(1, height, width), dtype=self.dtype, fill_value=0)
+            require("done", shape=(count,), chunks=(1,), dtype="bool", fill_value=False)
         sub = self.group[method]
         return sub["maps"], sub["done"]
 

@@ -78,3 +78,16 @@ def test_training_resumes_from_last_checkpoint(trained, capsys):
     assert last["global_step"] == 2  # the finished epoch is not trained again
     after = torch.load(output / "train" / "model.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_full_demo_beats_the_random_floor(tmp_path):
+    """The demo's own settings: FAME and Grad-CAM must clearly beat random maps (about 4 min on CPU)."""
+    metrics = pipeline.train(config("train", tmp_path, "logger.enabled=false"))
+    assert metrics["val/acc"] > 0.9
+    pipeline.explain(config("explain", tmp_path, "logger.enabled=false"))
+    scores = pipeline.evaluate(config("evaluate", tmp_path, "logger.enabled=false"))
+    means = scores.groupby("method")[["pointing_game", "relevance_mass"]].mean()
+    for method in ("fame", "gradcam"):
+        assert means.loc[method, "pointing_game"] > means.loc["random", "pointing_game"] + 0.3
+        assert means.loc[method, "relevance_mass"] > 1.5 * means.loc["random", "relevance_mass"]
