@@ -227,22 +227,27 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     for step in range(int(config.iterations) + 1):
         if active.numel() == 0:
             break
-        inputs = (current[active] if subset else current).detach().requires_grad_(True)
-        loss_all = _evaluate(objective, inputs, active if subset else all_index, subset)
+        last = step == config.iterations  # only the final loss is needed: no graph
+        with torch.set_grad_enabled(not last):
+            inputs = (current[active] if subset else current).detach().requires_grad_(not last)
+            loss_all = _evaluate(objective, inputs, active if subset else all_index, subset)
         loss = loss_all if subset else loss_all[active]
         detached = loss.detach()
         if step == 0:
             initial_loss[active] = detached.to(initial_loss.dtype)
         final_loss[active] = detached.to(final_loss.dtype)
-        keep = torch.ones_like(active, dtype=torch.bool)
-        if config.epsilon is not None:
-            keep &= detached >= config.epsilon
-        if step == config.iterations or not bool(keep.any()):
+        if last:
             break
-        (gradient,) = torch.autograd.grad(loss[keep].sum(), inputs)
+        if config.epsilon is None:  # nobody stops early: no masking, no device sync
+            keep, moving = None, active
+        else:
+            keep = detached >= config.epsilon
+            moving = active[keep]
+            if moving.numel() == 0:
+                break
+        (gradient,) = torch.autograd.grad((loss if keep is None else loss[keep]).sum(), inputs)
         gradient = gradient if subset else gradient[active]
-        gradient = gradient[keep]
-        moving = active[keep]
+        gradient = gradient if keep is None else gradient[keep]
         peak = _per_sample_max(gradient.abs())
         peak = torch.where(peak > 0, peak, torch.ones_like(peak))
         updated = current[moving] - config.step_size * (gradient / peak)
