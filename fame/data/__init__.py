@@ -1,1 +1,9 @@
 """Datasets and LightningDataModules for every supported format, plus synthetic ground truth."""
+from fame.data.align import align_face, align_faces
+from fame.data.folder import ImageFolderDataset
+from fame.data.identity import IdentityFolderDataset
+from fame.data.imagenet import ImageNetValidation, build_imagenet_subset
+from fame.data.recordio import RecordIODataset
+from fame.data.verification import PairsDataset, load_verification_bin
+from fame.data.synthetic_faces import SyntheticFacePairs, SyntheticFaces
+from fame.data.face_modules import FaceTrainingDataModule, VerificationDataModule
