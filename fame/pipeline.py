@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,7 +63,6 @@ def wandb_logger(config: DictConfig, job: str):
 def train(config: DictConfig) -> Dict[str, float]:
     """Train the classifier of ``config.model`` on ``config.data``; save the checkpoint; return val metrics."""
     L.seed_everything(config.seed, workers=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = config.data
     datamodule = ClassificationDataModule(
         train=build_dataset(data, "train"), val=build_dataset(data, "val"), batch_size=data.batch_size,

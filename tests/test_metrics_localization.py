@@ -1,6 +1,5 @@
 """Localisation metrics against literal per-pixel re-implementations and analytic cases."""
 
-import numpy as np
 import pytest
 import torch
 

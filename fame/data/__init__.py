@@ -7,3 +7,5 @@ from fame.data.recordio import RecordIODataset
 from fame.data.verification import PairsDataset, load_verification_bin
 from fame.data.synthetic_faces import SyntheticFacePairs, SyntheticFaces
 from fame.data.face_modules import FaceTrainingDataModule, VerificationDataModule
+from fame.data.modules import ClassificationDataModule
+from fame.data.shapes import SHAPE_CLASSES, ShapesDataset

@@ -7,7 +7,7 @@ Sobel edges) need no model. Every function returns maps (B, 1, H, W) on the inpu
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
