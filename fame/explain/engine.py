@@ -95,6 +95,15 @@ class FameStats:
     initial_loss: Tensor
     final_loss: Tensor
 
+    def __getitem__(self, index) -> "FameStats":
+        """The statistics of a subset of samples (an index, slice or mask)."""
+        return FameStats(self.iterations[index], self.initial_loss[index], self.final_loss[index])
+
+    @staticmethod
+    def cat(parts: "list[FameStats]") -> "FameStats":
+        """The statistics of consecutive runs, concatenated along the sample dimension."""
+        return FameStats(*(torch.cat([getattr(p, name) for p in parts]) for name in ("iterations", "initial_loss", "final_loss")))
+
 
 @dataclass
 class Perturbation:

@@ -119,11 +119,7 @@ def explain_verification(
     if not return_stats:
         return out
     stats = {
-        mode: FameStats(
-            result.stats.iterations[k * batch : (k + 1) * batch],
-            result.stats.initial_loss[k * batch : (k + 1) * batch],
-            result.stats.final_loss[k * batch : (k + 1) * batch],
-        )
+        mode: result.stats[k * batch : (k + 1) * batch]
         for k, mode in enumerate(modes)
     }
     return out, stats
@@ -179,4 +175,4 @@ def explain_feature_map(
     maps = torch.cat(maps)
     if not return_stats:
         return maps
-    return maps, FameStats(*(torch.cat([getattr(s, name) for s in stats]) for name in ("iterations", "initial_loss", "final_loss")))
+    return maps, FameStats.cat(stats)
