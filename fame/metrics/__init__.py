@@ -17,3 +17,23 @@ __all__ = [
     "threshold_iou",
     "top_k_iou",
 ]
+
+from .verification import (  # noqa: E402  (face verification, DESIGN.md sec. 3)
+    accuracy_at_threshold,
+    best_accuracy_threshold,
+    eer_threshold,
+    roc_curve,
+    tar_at_far,
+    ten_fold_accuracy,
+    verification_report,
+)
+
+__all__ += [
+    "accuracy_at_threshold",
+    "best_accuracy_threshold",
+    "eer_threshold",
+    "roc_curve",
+    "tar_at_far",
+    "ten_fold_accuracy",
+    "verification_report",
+]
