@@ -9,3 +9,4 @@ from fame.data.synthetic_faces import SyntheticFacePairs, SyntheticFaces
 from fame.data.face_modules import FaceTrainingDataModule, VerificationDataModule
 from fame.data.modules import ClassificationDataModule
 from fame.data.shapes import SHAPE_CLASSES, ShapesDataset
+from fame.data.shortcut import ShortcutShapesDataset
