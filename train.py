@@ -1,14 +1,20 @@
-"""python train.py [key=value ...]: see configs/train.yaml."""
+"""python train.py [experiment=NAME] [key=value ...]: see configs/train.yaml."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from fame import pipeline
+from fame.config import ConfigError
+from fame.stages import train
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(config: DictConfig) -> None:
-    pipeline.train(config)
+    try:
+        train(config)
+    except ConfigError as error:
+        sys.exit(f"train.py: {error}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,18 @@ from typing import Optional
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import default_collate
+
+
+def collate_items(items):
+    """Collate dict items; entries whose tensors differ in shape between items (e.g. a variable
+    number of bounding boxes) stay lists."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        ragged = isinstance(values[0], torch.Tensor) and any(v.shape != values[0].shape for v in values)
+        batch[key] = values if ragged else default_collate(values)
+    return batch
 
 
 def limited(dataset: Optional[Dataset], limit: Optional[int]) -> Optional[Dataset]:
@@ -43,7 +55,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"this ClassificationDataModule has no {split} dataset")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, generator=generator,
+                          pin_memory=self.pin_memory, generator=generator, collate_fn=collate_items,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

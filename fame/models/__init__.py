@@ -2,7 +2,16 @@
 from .cnn import SmallCNN
 from .adaface import ADAFACE_LAYERS, AdaFaceIR, BasicBlockIR, adaface_ir
 from .checkpoints import UntrustedCheckpointError, load_checkpoint, load_state_dict_strictly, state_dict_in, strip_prefix
-from .classifiers import IMAGENET_MEAN, IMAGENET_STD, Classifier, Preprocessing, build_classifier, classifier_names
+from .classifiers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    Preprocessing,
+    build_classifier,
+    classifier_names,
+    finetune_classifier,
+    replace_head,
+)
 from .face import FaceEmbedder, build_face_model, face_arch_names, guess_face_arch
 from .heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet

@@ -176,3 +176,26 @@ def build_classifier(
         std=tuple(std or IMAGENET_STD),
         preprocess=_preprocessing_of(default),
     ).eval()
+
+
+def replace_head(classifier: Classifier, num_classes: int, seed: int = 0) -> Classifier:
+    """Swap the last ``nn.Linear`` of ``classifier.net`` for a freshly initialised one with
+    ``num_classes`` outputs (fine-tuning a pretrained network on another label set)."""
+    named = [(name, module) for name, module in classifier.net.named_modules() if isinstance(module, nn.Linear)]
+    if not named:
+        raise ValueError(f"{classifier.name} has no nn.Linear head to replace")
+    name, old = named[-1]
+    parent = classifier.net.get_submodule(name.rpartition(".")[0]) if "." in name else classifier.net
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    new = nn.Linear(old.in_features, int(num_classes), bias=old.bias is not None)
+    torch.random.set_rng_state(generator_state)
+    setattr(parent, name.rpartition(".")[2], new)
+    classifier.categories = None
+    return classifier
+
+
+def finetune_classifier(name: str, num_classes: int, weights: str | os.PathLike | None = "DEFAULT", seed: int = 0,
+                        **options) -> Classifier:
+    """Classifier ``name`` with pretrained ``weights`` and a new ``num_classes``-way head (see replace_head)."""
+    return replace_head(build_classifier(name, weights, **options), num_classes, seed=seed)

@@ -1,0 +1,132 @@
+"""train.py: fit the model of a config, in a run folder of its own, resuming only its own unfinished run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import lightning as L
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..config import ConfigError, Rule, config_digest, instantiate, lookup, plain, validate
+from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
+
+FINISHED = "FINISHED"
+#: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
+NOT_TRAINING = ("paths", "logger", "resume", "run_root", "run_dir", "checkpoint", "callbacks",
+                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+
+TRAIN_SCHEMA = {
+    "seed": Rule(int, minimum=0),
+    "limit": Rule(int, minimum=1, optional=True),
+    "data.task": Rule(str, choices=TASKS),
+    "trainer.max_epochs": Rule(int, minimum=1, optional=True),
+}
+MODULE_SCHEMA = {
+    "module.lr": Rule(float, minimum=0.0),
+    "module.weight_decay": Rule(float, minimum=0.0),
+    "module.optimizer": Rule(str, choices=("sgd", "adamw")),
+}
+
+
+def check_train_config(config: DictConfig) -> None:
+    """Validate the training config before anything is built (errors name the key and the allowed values)."""
+    validate(config, TRAIN_SCHEMA)
+    validate(config, MODULE_SCHEMA, optional_keys=MODULE_SCHEMA)
+    schedule = lookup(config, "module.schedule", None)
+    if schedule is not None:
+        from ..lightning.classifier import SCHEDULES
+
+        if lookup(config, "module._target_", "").endswith("ImageClassifier"):
+            Rule(str, choices=SCHEDULES).check("module.schedule", schedule)
+    resume = lookup(config, "resume")
+    if not (resume in ("auto", False) or (isinstance(resume, str) and resume.endswith(".ckpt"))):
+        raise ConfigError(f"config key 'resume' has the value {resume!r}; allowed: auto, false or the path of a .ckpt file")
+    if isinstance(resume, str) and resume != "auto" and not Path(resume).is_file():
+        raise ConfigError(f"resume={resume!r}: no such checkpoint file")
+
+
+def training_digest(config: DictConfig) -> str:
+    """Hash of what decides the trained weights (everything but NOT_TRAINING)."""
+    values = plain(config)
+    for key in NOT_TRAINING:
+        node, _, leaf = key.rpartition(".")
+        parent = values
+        for part in filter(None, node.split(".")):
+            parent = parent.get(part, {}) if isinstance(parent, dict) else {}
+        if isinstance(parent, dict):
+            parent.pop(leaf, None)
+    return config_digest(values)
+
+
+def choose_run(config: DictConfig) -> Tuple[Path, Optional[str]]:
+    """(run folder, checkpoint to resume or None) following ``config.resume``.
+
+    ``auto``: the newest unfinished run of this same configuration continues from its
+    ``last.ckpt``; a finished run (or none) means a fresh folder ``<digest>[-n]``. ``false``:
+    always a fresh folder. A path: resume that checkpoint, in its own folder.
+    """
+    root = Path(config.run_root)
+    digest = training_digest(config)
+    if config.resume not in ("auto", False):
+        checkpoint = Path(config.resume)
+        return checkpoint.parent, str(checkpoint)
+    runs = sorted(root.glob(f"{digest}*"), key=lambda p: (len(p.name), p.name))
+    runs = [p for p in runs if p.name == digest or p.name.startswith(f"{digest}-")]
+    if config.resume == "auto" and runs and not (runs[-1] / FINISHED).exists():
+        last = runs[-1] / "last.ckpt"
+        return runs[-1], (str(last) if last.exists() else None)
+    name = digest if not runs else f"{digest}-{len(runs) + 1}"
+    return root / name, None
+
+
+def build_callbacks(config: DictConfig):
+    callbacks = []
+    for name, spec in (config.get("callbacks") or {}).items():
+        if spec is not None:
+            callbacks.append(instantiate(spec, f"callbacks.{name}"))
+    return callbacks
+
+
+def train(config: DictConfig) -> Dict[str, float]:
+    """Train ``config.module`` on ``config.data``; write the run folder and the final checkpoint.
+
+    Returns the final validation metrics.
+    """
+    check_train_config(config)
+    run_dir, resume = choose_run(config)
+    with open_dict(config):
+        config.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+    if resume:
+        print(f"resuming the unfinished run {run_dir} from {resume}")
+    else:
+        print(f"training in {run_dir}")
+
+    L.seed_everything(config.seed, workers=True)
+    datamodule = build_datamodule(config)
+    module = instantiate(config.module, "module")
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
+    wandb = wandb_logger(config, "train")
+    if wandb is not None:
+        loggers.append(wandb)
+    trainer = L.Trainer(logger=loggers, callbacks=build_callbacks(config), default_root_dir=str(run_dir),
+                        **plain(config.trainer))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    trainer.save_checkpoint(run_dir / "model.ckpt", weights_only=True)  # every rank: it may be a collective
+    if trainer.is_global_zero:
+        checkpoint = Path(config.checkpoint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "model.ckpt", checkpoint)
+        (run_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics))
+        (run_dir / FINISHED).write_text("")
+    finish_wandb(wandb)
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
+    print(f"{summary}; checkpoint written to {config.checkpoint} (run folder {run_dir})")
+    return metrics
