@@ -1,17 +1,20 @@
 """Baseline attribution maps FAME is compared with (DESIGN.md section 2).
 
 CAM-family methods go through the ``grad-cam`` package (pytorch_grad_cam) with its own
-per-map min-max scaling and resize to the input size; the floors (random, centre Gaussian,
-Sobel edges) need no model. Every function returns maps (B, 1, H, W) on the input's device.
+per-map min-max scaling and resize to the input size; for face models their target is the cosine
+similarity to a frozen reference embedding (:class:`CosineSimilarityTarget`). The floors (random,
+centre Gaussian, Sobel edges) need no model. Every function returns maps (B, 1, H, W) on the
+input's device.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Union
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM
+from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
@@ -23,7 +26,30 @@ CAM_METHODS: Dict[str, type] = {
     "gradcam_elementwise": GradCAMElementWise,
     "hirescam": HiResCAM,
     "fullgrad": FullGrad,
+    "scorecam": ScoreCAM,
 }
+
+
+class CosineSimilarityTarget:
+    """grad-cam target for face models: s = cos(phi(x), phi_ref) with phi_ref frozen.
+
+    ``dissimilar=True`` gives 1 - s instead, the regions that push the pair apart (FAME's e-).
+    Called by grad-cam with one sample's embedding (D,).
+    """
+
+    def __init__(self, reference_embedding: Tensor, dissimilar: bool = False):
+        if reference_embedding.dim() != 1:
+            raise ValueError(f"reference_embedding must be one embedding (D,), got shape {tuple(reference_embedding.shape)}")
+        self.reference = F.normalize(reference_embedding.detach(), dim=0)
+        self.dissimilar = dissimilar
+
+    def __call__(self, embedding: Tensor) -> Tensor:
+        if embedding.shape != self.reference.shape:
+            raise ValueError(
+                f"the model's embedding {tuple(embedding.shape)} differs in shape from the reference {tuple(self.reference.shape)}"
+            )
+        similarity = (F.normalize(embedding, dim=0) * self.reference.to(embedding.device)).sum()
+        return 1.0 - similarity if self.dissimilar else similarity
 
 
 def cam_maps(
@@ -32,12 +58,14 @@ def cam_maps(
     images: Tensor,
     targets: Union[Tensor, Sequence[int], Sequence[Callable[[Tensor], Tensor]]],
     method: str = "gradcam",
+    batch_size: int = 32,
 ) -> Tensor:
-    """Grad-CAM, Grad-CAM element-wise, HiResCAM or FullGrad maps through pytorch_grad_cam.
+    """Grad-CAM, Grad-CAM element-wise, HiResCAM, FullGrad or Score-CAM maps through pytorch_grad_cam.
 
-    ``targets`` are class indices, or grad-cam target callables (one per sample, e.g. a cosine
-    similarity to a frozen reference embedding for face models). Works under inference mode and
-    leaves the model as found (hooks released, flags and gradients restored).
+    ``targets`` are class indices, or grad-cam target callables (one per sample, e.g. a
+    :class:`CosineSimilarityTarget` for face models). ``batch_size`` is the number of masked
+    images per forward pass of Score-CAM (one per channel of the layer). Works under inference
+    mode and leaves the model as found (hooks released, flags and gradients restored).
     """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
@@ -52,16 +80,30 @@ def cam_maps(
         # The graph must reach the target layer through the input, since parameters are frozen.
         inputs = images.detach().clone().requires_grad_(True)
         with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+            cam.batch_size = int(batch_size)
             maps = cam(input_tensor=inputs, targets=targets)
     return torch.from_numpy(maps).unsqueeze(1).to(device=images.device, dtype=images.dtype)
 
 
-def random_maps(images: Tensor, seed: int = 0) -> Tensor:
-    """Uniform noise in [0, 1], the same for the same seed: the floor any method must beat."""
+def sample_seed(sample_id: str, seed: int = 0) -> int:
+    """A seed for one sample: zlib.crc32 of its id (stable across runs and machines) and ``seed``."""
+    return zlib.crc32(str(sample_id).encode("utf-8")) + ((int(seed) & 0xFFFFFFFF) << 32)
+
+
+def random_maps(images: Tensor, ids: Optional[Sequence[str]] = None, seed: int = 0) -> Tensor:
+    """Uniform noise in [0, 1], drawn per sample from ``sample_seed(id, seed)``: the floor any
+    method must beat. A map depends only on its sample's id and the seed, never on the batch it
+    came in; ``ids`` default to the positions in the batch ("0", "1", ...)."""
     check_images(images)
-    generator = torch.Generator().manual_seed(int(seed))
     batch, _, height, width = images.shape
-    return torch.rand(batch, 1, height, width, generator=generator).to(images.device, images.dtype)
+    ids = [str(index) for index in range(batch)] if ids is None else list(ids)
+    if len(ids) != batch:
+        raise ValueError(f"ids must hold one sample id per image ({batch}), got {len(ids)}")
+    maps = [
+        torch.rand(1, height, width, generator=torch.Generator().manual_seed(sample_seed(sample_id, seed)))
+        for sample_id in ids
+    ]
+    return torch.stack(maps).to(images.device, images.dtype)
 
 
 def centre_gaussian_maps(images: Tensor, sigma_fraction: float = 0.25) -> Tensor:
@@ -99,4 +141,14 @@ def floor_maps(name: str, images: Tensor, **options) -> Tensor:
     return FLOORS[name](images, **options)
 
 
-__all__: List[str] = ["CAM_METHODS", "FLOORS", "cam_maps", "centre_gaussian_maps", "floor_maps", "random_maps", "sobel_maps"]
+__all__: List[str] = [
+    "CAM_METHODS",
+    "FLOORS",
+    "CosineSimilarityTarget",
+    "cam_maps",
+    "centre_gaussian_maps",
+    "floor_maps",
+    "random_maps",
+    "sample_seed",
+    "sobel_maps",
+]

@@ -1,0 +1,109 @@
+"""FGGB for face verification (Lu, Xu & Marcel, FG 2024), as DESIGN.md section 2 fixes it.
+
+With e = phi(x) / ||phi(x)|| the L2-normalized embedding of the explained image (D dimensions)
+and r = phi_ref / ||phi_ref|| the frozen reference:
+
+    G_k   = mean_c |d e_k / d x_c|             one gradient map per embedding dimension k
+    G_k  <- G_k / ||G_k||_2                    each map L2-normalized over its pixels
+    v     = e * r                              elementwise, so sum_k v_k = cos(phi(x), phi_ref)
+    S     = sum_k (v_k - theta / D) G_k        theta the verification (EER) threshold
+    e+    = blur(max(S, 0)),  e- = blur(max(-S, 0))
+
+Summed over k the weights give cos - theta: a pair above the threshold leans to e+, one below it
+to e-. The positive and negative parts are split first and each is blurred (Gaussian, kernel 25,
+sigma 5 at 112 px; torchvision semantics), then normalized per map ("max" by default, as for
+CorrRISE; "minmax" is available). The D gradients come from one forward pass and a vectorized
+backward (``is_grads_batched``, torch.func.vmap underneath), ``dims_per_pass`` dimensions at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .engine import blur_maps, check_images, normalize_maps
+from .fame import embed
+from .guard import explaining
+
+#: The paper's blur at the 112 x 112 face crops it was defined for.
+BLUR_KERNEL_AT_112 = 25
+BLUR_SIGMA_AT_112 = 5.0
+#: The verification threshold theta used when none is given: the order of the EER thresholds of
+#: ArcFace-style models on LFW-like pairs. Set it to the explained model's own EER threshold
+#: (fame.metrics.verification.eer_threshold on clean pair scores).
+DEFAULT_THRESHOLD = 0.3
+
+
+def fggb_blur(size: Tuple[int, int]) -> Tuple[int, float]:
+    """Kernel 25 and sigma 5 at 112 px, scaled to the shorter side of other sizes (kernel odd)."""
+    scale = min(size) / 112
+    return max(1, round(BLUR_KERNEL_AT_112 * scale)) | 1, BLUR_SIGMA_AT_112 * scale
+
+
+def weighted_gradient_sum(
+    model: nn.Module, images: Tensor, reference: Tensor, threshold: float, dims_per_pass: int = 64
+) -> Tensor:
+    """S = sum_k (v_k - theta / D) G_k, shape (B, 1, H, W), for L2-normalized references (B, D).
+
+    The maps G_k of ``dims_per_pass`` dimensions are made and summed at a time, so memory grows
+    with that number, not with D. The caller guards the model (eval mode, frozen parameters).
+    """
+    inputs = images.detach().clone().requires_grad_(True)
+    embeddings = F.normalize(model(inputs), dim=1)
+    batch, dims = embeddings.shape
+    if reference.shape != embeddings.shape:
+        raise ValueError(f"the reference embeddings have shape {tuple(reference.shape)}, the images' {tuple(embeddings.shape)}")
+    weights = embeddings.detach() * reference - threshold / dims
+    basis = torch.eye(dims, device=embeddings.device, dtype=embeddings.dtype)
+    combined = torch.zeros(batch, *images.shape[-2:], device=images.device, dtype=images.dtype)
+    for start in range(0, dims, dims_per_pass):
+        selected = basis[start : start + dims_per_pass]
+        (gradients,) = torch.autograd.grad(
+            embeddings, inputs, grad_outputs=selected[:, None, :].expand(-1, batch, -1),
+            is_grads_batched=True, retain_graph=True,
+        )
+        maps = gradients.abs().mean(dim=2)  # (k, B, H, W)
+        norms = maps.flatten(2).norm(dim=2)[..., None, None]
+        maps = maps / torch.where(norms > 0, norms, torch.ones_like(norms))
+        combined += torch.einsum("kbhw,bk->bhw", maps, weights[:, start : start + dims_per_pass])
+    return combined.unsqueeze(1)
+
+
+def fggb_maps(
+    model: nn.Module,
+    images: Tensor,
+    references: Tensor,
+    threshold: float = DEFAULT_THRESHOLD,
+    blur_kernel: Optional[int] = None,
+    blur_sigma: Optional[float] = None,
+    normalization: str = "max",
+    dims_per_pass: int = 64,
+) -> Dict[str, Tensor]:
+    """FGGB maps {"similar": e+, "dissimilar": e-}, each (B, 1, H, W) in [0, 1].
+
+    ``references`` are the other images of the pairs, one per image (embeddings frozen);
+    ``threshold`` is theta; ``blur_kernel`` / ``blur_sigma`` None scale the paper's 25 / 5 at
+    112 px to the image size (:func:`fggb_blur`); ``blur_kernel=0`` skips the blur.
+    """
+    check_images(images)
+    check_images(references, "references")
+    if references.shape[0] != images.shape[0]:
+        raise ValueError(f"references must hold one image per image ({images.shape[0]}), got {references.shape[0]}")
+    if int(dims_per_pass) < 1:
+        raise ValueError(f"dims_per_pass must be a positive integer, got {dims_per_pass}")
+    default_kernel, default_sigma = fggb_blur(tuple(images.shape[-2:]))
+    kernel = default_kernel if blur_kernel is None else (int(blur_kernel) or None)
+    sigma = default_sigma if blur_sigma is None else float(blur_sigma)
+    with explaining(model):
+        reference = F.normalize(embed(model, references.detach().clone()), dim=1)
+        combined = weighted_gradient_sum(model, images, reference, float(threshold), int(dims_per_pass))
+    return {
+        "similar": normalize_maps(blur_maps(combined.clamp(min=0), kernel, sigma), normalization),
+        "dissimilar": normalize_maps(blur_maps((-combined).clamp(min=0), kernel, sigma), normalization),
+    }
+
+
+__all__ = ["BLUR_KERNEL_AT_112", "BLUR_SIGMA_AT_112", "DEFAULT_THRESHOLD", "fggb_blur", "fggb_maps", "weighted_gradient_sum"]
