@@ -151,6 +151,10 @@ class FaceTrainingDataModule(L.LightningDataModule):
     random when ``flip`` is set, and drop the last incomplete batch. ``num_classes`` is, in order:
     the argument, the dataset's ``num_classes``, or one more than the largest label among the
     samples used (found by reading them all). ``pin_memory`` defaults to CUDA being available.
+
+    ``verification`` maps set names to pair datasets (e.g. ``{"lfw": PairsDataset.from_bin(...)}``):
+    when given, validation runs over those pairs, one dataloader per set in this order (at most
+    ``verification_limit`` pairs of each, spread over the set), instead of held-out identities.
     """
 
     def __init__(
@@ -164,6 +168,8 @@ class FaceTrainingDataModule(L.LightningDataModule):
         flip: bool = True,
         seed: int = 0,
         num_classes: Optional[int] = None,
+        verification: Optional[dict[str, Dataset]] = None,
+        verification_limit: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -172,8 +178,14 @@ class FaceTrainingDataModule(L.LightningDataModule):
         _check_limit(limit)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
-        self.save_hyperparameters(ignore=["dataset"])
+        _check_limit(verification_limit)
+        self.save_hyperparameters(ignore=["dataset", "verification"])
         self.dataset = dataset
+        self.verification = dict(verification or {})
+        self.verification_sets = {
+            name: _PairSamples(pairs, spread_indices(len(pairs), verification_limit))
+            for name, pairs in self.verification.items()
+        }
         self.val_fraction = float(val_fraction)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -213,7 +225,7 @@ class FaceTrainingDataModule(L.LightningDataModule):
         self.train_set = _FaceSamples(self.dataset, [used[i] for i in train], flip=self.flip)
         self.val_set = _FaceSamples(self.dataset, [used[i] for i in val], flip=False)
 
-    def _loader(self, samples: Optional[_FaceSamples], training: bool) -> DataLoader:
+    def _loader(self, samples: Optional[Dataset], training: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("call setup() (the Trainer does) before asking for a dataloader")
         return DataLoader(
@@ -229,7 +241,14 @@ class FaceTrainingDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
 
+    @property
+    def verification_names(self) -> list[str]:
+        """Names of the verification sets, in the order of the validation dataloaders."""
+        return list(self.verification_sets)
+
     def val_dataloader(self) -> DataLoader | list:
+        if self.verification_sets:
+            return [self._loader(pairs, training=False) for pairs in self.verification_sets.values()]
         if self.val_set is not None and len(self.val_set) == 0:
             return []  # val_fraction=0: Lightning skips validation
         return self._loader(self.val_set, training=False)

@@ -109,6 +109,9 @@ def train(config: DictConfig) -> Dict[str, float]:
 
     L.seed_everything(config.seed, workers=True)
     datamodule = build_datamodule(config)
+    if config.data.get("num_classes", 0) is None:  # read from the data (e.g. a RecordIO header)
+        with open_dict(config):
+            config.data.num_classes = int(datamodule.num_classes)
     module = instantiate(config.module, "module")
     loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
     wandb = wandb_logger(config, "train")

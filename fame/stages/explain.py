@@ -1,0 +1,174 @@
+"""explain.py: every configured method over a dataset through ``Trainer.predict``, into a resumable map store.
+
+Classification datasets yield {"image", "label", "id", ...}; verification pair datasets yield
+{"gallery", "probe", "same", "id", ...} and every method explains both sides of each pair (the
+other side's embedding frozen), written as ``<method>/probe.similar``, ``<method>/gallery.similar``,
+and so on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import lightning as L
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
+from ..data.modules import collate_items, limited
+from ..explain.registry import get_method, method_names
+from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
+from ..provenance import checkpoint_digest, environment
+from ..store import MapStore
+from .common import TASKS, build_datamodule, split_dataset
+
+SIDES = ("probe", "gallery")
+#: Loader settings that do not change any map: left out of the store's identity.
+LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
+
+EXPLAIN_SCHEMA = {
+    "seed": Rule(int, minimum=0),
+    "limit": Rule(int, minimum=1, optional=True),
+    "split": Rule(str, choices=("train", "val", "test")),
+    "target": Rule(str, choices=("label", "prediction"), help="the class a classification map explains"),
+    "new_group": Rule(bool),
+    "data.task": Rule(str, choices=TASKS),
+}
+
+
+def check_explain_config(config: DictConfig) -> None:
+    """Validate the explain config, every method name and every FAME option before building anything."""
+    validate(config, EXPLAIN_SCHEMA)
+    task = config.data.task
+    if not config.get("explainer"):
+        raise ConfigError(f"no explainer selected; choose some of {method_names(task)}, e.g. explainer=[fame,gradcam]")
+    for name, options in config.explainer.items():
+        method = (options or {}).get("name", name)
+        if method not in method_names(task):
+            raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
+        if method == "fame":
+            check_fame_options(method_options(options), f"explainer.{name}")
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
+                          "checkpoint=null to explain the model built from the model config")
+
+
+def method_options(options: Any) -> Dict[str, Any]:
+    """The options a method function receives: its config file without ``name``."""
+    values = dict(plain(options) or {})
+    values.pop("name", None)
+    return values
+
+
+def without_loader_keys(node: Any) -> Any:
+    """A plain config with batch sizes and worker counts removed (they change no map)."""
+    if isinstance(node, dict):
+        return {k: without_loader_keys(v) for k, v in node.items() if k not in LOADER_KEYS}
+    if isinstance(node, list):
+        return [without_loader_keys(v) for v in node]
+    return node
+
+
+def explained_dataset(config: DictConfig):
+    """The dataset whose samples are explained: a split of a classification datamodule, or the pairs."""
+    if config.data.task == "verification":
+        if "pairs" not in config.data:
+            raise ConfigError("data.pairs is missing: a verification data config names the pairs to explain")
+        return split_dataset(instantiate(config.data.pairs, "data.pairs"), "predict")
+    return limited(split_dataset(build_datamodule(config), config.split), config.limit)
+
+
+def explained_model(config: DictConfig) -> nn.Module:
+    """The network whose decisions are explained: the classifier (or face embedder) of a train.py
+    checkpoint, or the model built from ``config.model`` when ``checkpoint`` is null."""
+    if config.checkpoint is None:
+        return instantiate(config.model, "model").eval()
+    module_class = get_class(config.module._target_)
+    module = module_class.load_from_checkpoint(config.checkpoint, map_location="cpu", weights_only=True)
+    network = module.embedder if config.data.task == "verification" else module.model
+    return network.eval()
+
+
+def classification_compute(method, options: Dict[str, Any], target: str):
+    def compute(model: nn.Module, batch: Dict[str, Any]):
+        images = batch["image"]
+        targets = torch.as_tensor(batch["label"], device=images.device)
+        if target == "prediction":
+            with torch.no_grad():
+                targets = model(images).argmax(dim=1)
+        return method(model, images, targets, ids=list(batch["id"]), **options)
+
+    return compute
+
+
+def verification_compute(method, options: Dict[str, Any]):
+    def compute(model: nn.Module, batch: Dict[str, Any]):
+        from ..explain.registry import MethodResult
+
+        maps, stats = {}, {}
+        ids = [str(i) for i in batch["id"]]
+        for side, other in (("probe", "gallery"), ("gallery", "probe")):
+            result = method(model, batch[side], batch[other], ids=[f"{i}/{side}" for i in ids], **options)
+            maps.update({f"{side}.{output}": value for output, value in result.maps.items()})
+            stats.update({f"{side}.{output}": value for output, value in result.stats.items()})
+        return MethodResult(maps, stats)
+
+    return compute
+
+
+def method_outputs(config: DictConfig) -> List[str]:
+    if config.data.task == "classification":
+        return [""]
+    return [f"{side}.{output}" for side in SIDES for output in ("similar", "dissimilar")]
+
+
+def explain(config: DictConfig) -> MapStore:
+    """Explain the dataset of ``config.data`` with every method of ``config.explainer``.
+
+    Rows already in the store with the same settings are skipped; a store made with other settings
+    is refused (or, with ``new_group=true``, the maps go to ``<method>@2``...). Returns the store.
+    """
+    check_explain_config(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    task = config.data.task
+    dataset = explained_dataset(config)
+    first = dataset[0]
+    size = tuple(first["image" if task == "classification" else "probe"].shape[-2:])
+    data_identity = without_loader_keys(plain(config.data))
+    store = MapStore.create_or_open(config.store, num_samples=len(dataset), size=size,
+                                    meta={"task": task, "data": data_identity, "split": config.split,
+                                          "limit": config.limit})
+    model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
+                      else {"model": plain(config.model)})
+    provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
+    methods = []
+    for name, options in config.explainer.items():
+        function = get_method((options or {}).get("name", name), task)
+        kwargs = method_options(options)
+        settings = {"method": plain(options), "target": config.target, **model_identity}
+        stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
+                                         new_group=config.new_group, provenance=provenance)
+        compute = (classification_compute(function, kwargs, config.target) if task == "classification"
+                   else verification_compute(function, kwargs))
+        methods.append(ExplainMethod(stored_name, compute))
+    rows = MissingRows(dataset, store, [method.name for method in methods])
+    if len(rows) == 0:
+        print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
+        return store
+    loader = DataLoader(rows, batch_size=config.batch_size, shuffle=False, collate_fn=collate_items,
+                        num_workers=config.get("num_workers", 0))
+    trainer_options = plain(config.trainer)
+    callbacks = [MapWriter(store.path)]
+    if trainer_options.get("enable_progress_bar", True):
+        callbacks.append(ExplainProgressBar())
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **trainer_options)
+    module = ExplainModule(explained_model(config), methods, store.path)
+    trainer.predict(module, loader, return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"{len(rows)} samples explained with {', '.join(m.name for m in methods)}; maps in {store.path}")
+    return store
