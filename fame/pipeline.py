@@ -109,7 +109,7 @@ def compute_maps(method: str, model: torch.nn.Module, images: torch.Tensor, targ
     """Maps (B, 1, H, W) of one explanation method for a batch."""
     if method == "fame":
         return explain_classification(model, images, targets, fame_config(config.fame),
-                                      absolute=config.get("absolute_logit", False))
+                                      loss="abs_logit" if config.get("absolute_logit", False) else "logit")
     if method in CAM_METHODS:
         return cam_maps(model, target_layer(model), images, targets, method)
     if method in FLOORS:

@@ -64,3 +64,20 @@ def naive_fame(loss_of_one, image, step_size, iterations, epsilon=None, blur_ker
     elif normalization == "max":
         difference = difference / (difference.max() + 1e-8)
     return difference
+
+
+def naive_classification_loss(logits, target, loss):
+    """The classification loss variants of one sample, written out from their definitions."""
+    z = [logits[k] for k in range(logits.shape[0])]
+    if loss == "logit":
+        return z[target]
+    if loss == "abs_logit":
+        return z[target].abs()
+    exponentials = [value.exp() for value in z]
+    if loss == "log_softmax":
+        return (exponentials[target] / sum(exponentials)).log()
+    if loss == "probability":
+        return exponentials[target] / sum(exponentials)
+    if loss == "margin":
+        return z[target] - max(value for k, value in enumerate(z) if k != target)
+    raise ValueError(loss)

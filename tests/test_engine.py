@@ -9,7 +9,7 @@ from torch import nn
 from fame import FameConfig, explain, explain_classification, explain_feature_map, explain_verification
 from fame.explain import LayerNotReached, attribution_map, lots_perturbation, normalize_maps, to_gray
 
-from naive_fame import naive_fame
+from naive_fame import naive_classification_loss, naive_fame
 from nets import TinyBackbone, TinyClassifier, TinyEmbedder
 
 DOUBLE = torch.float64
@@ -25,17 +25,16 @@ def images(batch=3, channels=3, size=12, seed=0, dtype=DOUBLE):
 SMALL = dict(step_size=0.02, iterations=6, blur_kernel=5, blur_sigma=1.3)
 
 
-@pytest.mark.parametrize("absolute", [False, True])
-def test_classification_matches_naive(absolute):
+@pytest.mark.parametrize("loss", ["logit", "abs_logit", "log_softmax", "probability", "margin"])
+def test_classification_matches_naive(loss):
     model = TinyClassifier().to(DOUBLE).eval()
     x = images()
     targets = torch.tensor([0, 3, 1])
-    maps = explain_classification(model, x, targets, FameConfig(**SMALL), absolute=absolute)
+    maps = explain_classification(model, x, targets, FameConfig(**SMALL), loss=loss)
     for i in range(x.shape[0]):
-        def loss(one, target=int(targets[i])):
-            z = model(one)[0, target]
-            return z.abs() if absolute else z
-        expected = naive_fame(loss, x[i], **SMALL)
+        def loss_of_one(one, target=int(targets[i])):
+            return naive_classification_loss(model(one)[0], target, loss)
+        expected = naive_fame(loss_of_one, x[i], **SMALL)
         np.testing.assert_allclose(maps[i, 0].numpy(), expected, atol=1e-5)
 
 
@@ -51,7 +50,7 @@ def test_verification_matches_naive(mode):
         def loss(one, reference=reference):
             s = F.cosine_similarity(model(one), reference, eps=0.0)[0]
             return s if mode == "similar" else 1 - s
-        expected = naive_fame(loss, x[i], **config.__dict__ | {"blur_kernel": 5})
+        expected = naive_fame(loss, x[i], **SMALL, epsilon=config.epsilon)
         np.testing.assert_allclose(maps[i, 0].numpy(), expected, atol=1e-5)
 
 
@@ -225,9 +224,11 @@ def test_normalizations_and_even_kernel():
 
 def test_paper_defaults():
     config = FameConfig()
-    assert config.step_size == 1 / 255 and config.iterations == 500 and config.epsilon is None
+    assert config.step_size == 1 / 255 and config.iterations == 500 and config.epsilon == "task"
+    assert config.for_task("classification").epsilon is None and config.for_task("feature_map").epsilon is None
+    assert config.for_task("verification").epsilon == 0.01 and config.stop_below is None
     assert config.blur_kernel == 49 and config.blur_sigma == 7.7 and config.normalization == "minmax"
-    assert config.clamp is None
+    assert config.clamp is None and config.precision == "32" and not config.channels_last and not config.compile
 
 
 # ---------------------------------------------------------------- the model is left as found

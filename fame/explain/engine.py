@@ -14,14 +14,27 @@ Everything here is a pure function of tensors: no Lightning, no I/O.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from .guard import explaining
+from .precision import (
+    LossScale,
+    check_finite_images,
+    check_precision,
+    describe_samples,
+    engine_arithmetic,
+    forward_autocast,
+    maybe_channels_last,
+    nonfinite_samples,
+)
 
 #: ITU-R 601 luma weights, the ones torchvision's ``rgb_to_grayscale`` uses.
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -30,35 +43,72 @@ NORMALIZATION_EPS = 1e-8
 NORMALIZATIONS = ("minmax", "max", "none")
 
 
+#: ``FameConfig.epsilon``'s default: the stopping threshold of the task being explained.
+TASK_DEFAULT = "task"
+#: The paper's epsilon per task (DESIGN.md section 1): None runs all T steps.
+TASK_EPSILONS = {"classification": None, "feature_map": None, "verification": 0.01, "custom": None}
+
+
 @dataclass(frozen=True)
 class FameConfig:
     """Settings of one FAME run; the defaults are the paper's.
 
-    step_size:      eta, the largest change of any pixel in one iteration (1/255).
+    step_size:      eta, the largest change of any pixel in one iteration (1/255); finite, > 0.
     iterations:     T, the most gradient steps a sample takes (500).
-    epsilon:        stop a sample once its loss falls below this; None runs all T steps.
-                    The paper uses None for classification and 0.01 for verification.
+    epsilon:        stop a sample once its loss falls below this. The default, ``"task"``, means
+                    the paper's value for the task being explained: None (all T steps) for
+                    classification, feature maps and custom objectives, 0.01 for verification;
+                    it survives any other change (``FameConfig(blur_kernel=15)`` handed to
+                    ``explain_verification`` still stops at 0.01). An explicit ``None`` always
+                    runs all T steps; a number always stops below that number.
     blur_kernel:    Gaussian kernel size (49, sized for 224 px); None skips the blur. An even
                     size is bumped to the next odd one.
     blur_sigma:     Gaussian standard deviation (7.7).
     normalization:  "minmax" (map - min) / (max - min + 1e-8), "max" map / (max + 1e-8),
                     or "none" (the blurred map as it is).
     clamp:          (low, high) bounds applied to x_t after each step; None leaves x_t free.
+    precision:      arithmetic of the model's forward pass: "32" (float32, TF32 off: the exact
+                    reference), "tf32", "bf16-mixed" or "16-mixed" (autocast; x_t, the gradient
+                    normalisation, the step and the map stay float32). See ``fame.explain.precision``.
+                    Inside a Lightning ``Trainer(precision=...)`` this setting wins: the
+                    trainer's autocast is switched off within the engine and this one applied.
+    channels_last:  run the model in channels-last memory format (faster convolutions on tensor
+                    cores); the explain functions convert a copy of the model's 4-D weights for
+                    the run and give the model back exactly as it was.
+    compile:        ``torch.compile`` the forward pass and its input gradient (backward compiled
+                    by AOTAutograd). The active batch is padded to the next power of two so that
+                    early stopping compiles a handful of sizes, not one per step. Costs a compile
+                    per model, image size and batch bucket (tens of seconds): pays off for long
+                    runs on a GPU, not for short ones on a CPU.
     """
 
     step_size: float = 1.0 / 255.0
     iterations: int = 500
-    epsilon: Optional[float] = None
+    epsilon: Union[float, None, str] = TASK_DEFAULT
     blur_kernel: Optional[int] = 49
     blur_sigma: float = 7.7
     normalization: str = "minmax"
     clamp: Optional[Tuple[float, float]] = None
+    precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
-        if not self.step_size > 0:
-            raise ValueError(f"FameConfig.step_size must be > 0, got {self.step_size}")
+        if isinstance(self.step_size, bool) or not isinstance(self.step_size, numbers.Real) \
+                or not math.isfinite(self.step_size) or not self.step_size > 0:
+            raise ValueError(f"FameConfig.step_size must be a finite number > 0, got {self.step_size!r}")
         if int(self.iterations) != self.iterations or self.iterations < 0:
             raise ValueError(f"FameConfig.iterations must be a non-negative integer, got {self.iterations}")
+        if isinstance(self.epsilon, str):
+            if self.epsilon != TASK_DEFAULT:
+                raise ValueError(
+                    f"FameConfig.epsilon must be a number, None (all T steps) or {TASK_DEFAULT!r} "
+                    f"(the task's default), got {self.epsilon!r}"
+                )
+        elif self.epsilon is not None and (
+            isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real) or math.isnan(self.epsilon)
+        ):
+            raise ValueError(f"FameConfig.epsilon must be a number, None or {TASK_DEFAULT!r}, got {self.epsilon!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"unknown FameConfig.normalization {self.normalization!r}; "
@@ -74,6 +124,10 @@ class FameConfig:
             if not low < high:
                 raise ValueError(f"FameConfig.clamp must be (low, high) with low < high, got {self.clamp}")
             object.__setattr__(self, "clamp", (float(low), float(high)))
+        object.__setattr__(self, "precision", check_precision(self.precision))
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"FameConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def odd_blur_kernel(self) -> Optional[int]:
@@ -81,6 +135,19 @@ class FameConfig:
         if self.blur_kernel is None:
             return None
         return int(self.blur_kernel) | 1
+
+    def for_task(self, task: str) -> "FameConfig":
+        """This config with ``epsilon="task"`` replaced by the task's value (``TASK_EPSILONS``)."""
+        if task not in TASK_EPSILONS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(map(repr, TASK_EPSILONS))}")
+        if self.epsilon != TASK_DEFAULT:
+            return self
+        return replace(self, epsilon=TASK_EPSILONS[task])
+
+    @property
+    def stop_below(self) -> Optional[float]:
+        """The threshold the run stops at: ``epsilon``, with ``"task"`` read as a custom objective's (None)."""
+        return self.for_task("custom").epsilon
 
     def replace(self, **changes) -> "FameConfig":
         """A copy with some fields changed."""
@@ -114,7 +181,7 @@ class Perturbation:
 
 
 def check_images(images: Tensor, name: str = "images") -> Tensor:
-    """Validate an image batch of shape (B, C, H, W) with C in {1, 3}."""
+    """Validate an image batch of shape (B, C, H, W) with C in {1, 3} and finite values."""
     if not isinstance(images, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
@@ -129,7 +196,13 @@ def check_images(images: Tensor, name: str = "images") -> Tensor:
         )
     if not images.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {images.dtype}")
+    check_finite_images(images, name)
     return images
+
+
+def working_dtype(images: Tensor) -> torch.dtype:
+    """x_t's dtype: the images' own when float32 / float64, float32 for lower precisions."""
+    return images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def to_gray(images: Tensor) -> Tensor:
@@ -175,18 +248,20 @@ def attribution_map(images: Tensor, perturbed: Tensor, config: Optional[FameConf
     """Turn a perturbation into FAME maps (B, 1, H, W).
 
     |gray(x_T) - gray(x)| is divided by its per-map maximum (a map without perturbation stays
-    zero), blurred, then normalized per map.
+    zero), blurred, then normalized per map; always in the images' precision (an autocast region
+    around the call is switched off).
     """
     config = config or FameConfig()
     if images.shape != perturbed.shape:
         raise ValueError(
             f"perturbed must have the shape of images {tuple(images.shape)}, got {tuple(perturbed.shape)}"
         )
-    difference = (to_gray(perturbed) - to_gray(images)).abs()
-    peak = _per_sample_max(difference)
-    difference = difference / torch.where(peak > 0, peak, torch.ones_like(peak))
-    blurred = blur_maps(difference, config.odd_blur_kernel, config.blur_sigma)
-    return normalize_maps(blurred, config.normalization)
+    with torch.autocast(images.device.type, enabled=False):
+        difference = (to_gray(perturbed) - to_gray(images)).abs().contiguous()
+        peak = _per_sample_max(difference)
+        difference = difference / torch.where(peak > 0, peak, torch.ones_like(peak))
+        blurred = blur_maps(difference, config.odd_blur_kernel, config.blur_sigma)
+        return normalize_maps(blurred, config.normalization)
 
 
 ObjectiveFn = Callable[..., Tensor]
@@ -203,14 +278,94 @@ def accepts_index(objective: ObjectiveFn) -> bool:
     return "index" in parameters
 
 
-def _evaluate(objective: ObjectiveFn, images: Tensor, index: Tensor, subset: bool) -> Tensor:
-    loss = objective(images, index) if subset else objective(images)
-    if not isinstance(loss, Tensor) or loss.dim() != 1 or loss.shape[0] != images.shape[0]:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"the objective must return one loss per sample, shape ({images.shape[0]},), got {shape}"
-        )
-    return loss
+def batch_bucket(size: int, largest: int) -> int:
+    """The padded batch size of a compiled step: the next power of two, at most ``largest``."""
+    return min(1 << max(size - 1, 0).bit_length(), largest)
+
+
+class InputGradient:
+    """Loss and input gradient of the active samples at x_t, in the run's precision.
+
+    The objective (model forward and loss) runs under ``forward_autocast``; the loss is cast to
+    x_t's dtype, and autograd returns the input gradient in x_t's dtype. With ``compile`` the
+    forward (and with it the backward, through AOTAutograd) is compiled once per batch bucket:
+    the active samples are padded with copies of the first one, whose losses are left out of
+    the gradient, so the real samples' gradients are unchanged.
+    """
+
+    def __init__(self, objective: ObjectiveFn, config: FameConfig, batch: int, device: torch.device, dtype):
+        self.objective = objective
+        self.subset = accepts_index(objective)
+        self.precision = config.precision
+        self.channels_last = config.channels_last
+        self.device = device
+        self.dtype = dtype
+        self.batch = batch
+        self.loss_scale = LossScale(config.precision == "16-mixed")
+        self.compiled = torch.compile(self._forward, dynamic=False) if config.compile else None
+
+    def _forward(self, inputs: Tensor, index: Tensor) -> Tensor:
+        with forward_autocast(self.precision, self.device):
+            return self.objective(inputs, index) if self.subset else self.objective(inputs)
+
+    def _inputs(self, current: Tensor, active: Tensor, all_index: Tensor, padded: bool):
+        index = active if self.subset else all_index
+        if padded and self.subset:
+            size = batch_bucket(active.numel(), self.batch)
+            index = torch.cat([active, active[:1].expand(size - active.numel())])
+        inputs = current[index] if self.subset else current
+        return maybe_channels_last(inputs, self.channels_last), index
+
+    def _checked(self, loss, inputs: Tensor) -> Tensor:
+        if not isinstance(loss, Tensor) or loss.dim() != 1 or loss.shape[0] != inputs.shape[0]:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"the objective must return one loss per sample, shape ({inputs.shape[0]},), got {shape}"
+            )
+        return loss.to(self.dtype)
+
+    def _select(self, values: Tensor, active: Tensor) -> Tensor:
+        return values[: active.numel()] if self.subset else values[active]
+
+    def loss(self, current: Tensor, active: Tensor, all_index: Tensor) -> Tensor:
+        """L(x_t) of the active samples, without a graph (eager, also when compiled)."""
+        with torch.no_grad():
+            inputs, index = self._inputs(current, active, all_index, padded=False)
+            return self._select(self._checked(self._forward(inputs, index), inputs), active)
+
+    def loss_and_gradient(self, current: Tensor, active: Tensor, all_index: Tensor, step: int):
+        """(L(x_t), dL/dx_t) of the active samples; "16-mixed" redoes an overflowing step with a smaller scale."""
+        inputs, index = self._inputs(current, active, all_index, padded=self.compiled is not None)
+        inputs = inputs.detach().requires_grad_(True)
+        # step 0 runs eagerly: objectives validate their targets on the first call
+        forward = self.compiled if self.compiled is not None and step > 0 else self._forward
+        while True:
+            loss = self._select(self._checked(forward(inputs, index), inputs), active)
+            scale = self.loss_scale.scale
+            (gradient,) = torch.autograd.grad(loss.sum() * scale if scale != 1.0 else loss.sum(), inputs)
+            gradient = self._select(gradient, active)
+            if not self.loss_scale.enabled:
+                return loss.detach(), gradient
+            if bool(torch.isfinite(gradient).all()):
+                self.loss_scale.step_done()
+                return loss.detach(), gradient / scale
+            if not self.loss_scale.backoff():
+                bad = nonfinite_samples(gradient)
+                raise FloatingPointError(
+                    f"the input gradient is non-finite (NaN or Inf) for samples "
+                    f"{describe_samples(active[bad])} at iteration {step} even with loss scale 1 under "
+                    "precision '16-mixed'; the model overflows float16: use precision 'bf16-mixed' or '32'"
+                )
+
+
+def _raise_nonfinite_loss(bad: Tensor, initial_loss: Tensor, final_loss: Tensor, precision: str) -> None:
+    hint = ("; float16 overflows above 65504: use precision 'bf16-mixed' or '32'" if precision == "16-mixed"
+            else "; check the model's output and the objective for these inputs")
+    raise FloatingPointError(
+        f"the FAME loss became non-finite (NaN or Inf) for samples {describe_samples(bad)} of the batch "
+        f"(loss at x_0: {initial_loss[bad][:10].tolist()}, at the last iteration: {final_loss[bad][:10].tolist()})"
+        f"{hint}"
+    )
 
 
 def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[FameConfig] = None) -> Perturbation:
@@ -219,59 +374,68 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     ``objective(images) -> (B,)`` is the loss to descend. An objective that also takes
     ``index`` (the positions of ``images`` in the original batch) lets finished samples leave the
     batch, so later iterations cost less; a plain one runs on the whole batch with finished
-    samples frozen. The caller is responsible for leaving inference mode (see ``explain``).
+    samples frozen. ``epsilon="task"`` reads as None here (no early stop); the explain functions
+    resolve it for their task. The precision, channels-last and compile settings of ``config``
+    apply to the objective's evaluation; x_t, the step and the statistics stay in the images'
+    dtype (float32 for lower-precision images). A loss that becomes non-finite raises a
+    FloatingPointError naming the samples. The caller is responsible for leaving inference mode
+    and for the model's state (see ``explain``).
     """
     config = config or FameConfig()
     check_images(images)
-    subset = accepts_index(objective)
-    batch = images.shape[0]
-    device = images.device
-    current = images.detach().clone()
+    epsilon = config.stop_below
+    batch, device, dtype = images.shape[0], images.device, working_dtype(images)
+    current = images.detach().to(dtype=dtype, copy=True)
     all_index = torch.arange(batch, device=device)
     active = all_index
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
-    initial_loss = torch.full((batch,), float("nan"), dtype=images.dtype, device=device)
-    final_loss = torch.full((batch,), float("nan"), dtype=images.dtype, device=device)
+    initial_loss = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+    final_loss = torch.full((batch,), float("nan"), dtype=dtype, device=device)
 
-    for step in range(int(config.iterations) + 1):
-        if active.numel() == 0:
-            break
-        last = step == config.iterations  # only the final loss is needed: no graph
-        with torch.set_grad_enabled(not last):
-            inputs = (current[active] if subset else current).detach().requires_grad_(not last)
-            loss_all = _evaluate(objective, inputs, active if subset else all_index, subset)
-        loss = loss_all if subset else loss_all[active]
-        detached = loss.detach()
-        if step == 0:
-            initial_loss[active] = detached.to(initial_loss.dtype)
-        final_loss[active] = detached.to(final_loss.dtype)
-        if last:
-            break
-        if config.epsilon is None:  # nobody stops early: no masking, no device sync
-            keep, moving = None, active
-        else:
-            keep = detached >= config.epsilon
-            moving = active[keep]
-            if moving.numel() == 0:
+    context = ExitStack()
+    context.enter_context(engine_arithmetic(config.precision, device))
+    if config.compile:
+        context.enter_context(torch._dynamo.config.patch(recompile_limit=max(
+            torch._dynamo.config.recompile_limit, batch.bit_length() + 2)))
+    with context:
+        step_function = InputGradient(objective, config, batch, device, dtype)
+        for step in range(int(config.iterations) + 1):
+            if active.numel() == 0:
                 break
-        (gradient,) = torch.autograd.grad((loss if keep is None else loss[keep]).sum(), inputs)
-        gradient = gradient if subset else gradient[active]
-        gradient = gradient if keep is None else gradient[keep]
-        peak = _per_sample_max(gradient.abs())
-        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-        updated = current[moving] - config.step_size * (gradient / peak)
-        if config.clamp is not None:
-            updated = updated.clamp(*config.clamp)
-        current[moving] = updated.detach()
-        iterations[moving] += 1
-        active = moving
+            if step == config.iterations:  # only the final loss is needed: no graph
+                final_loss[active] = step_function.loss(current, active, all_index)
+                if step == 0:
+                    initial_loss[active] = final_loss[active]
+                break
+            loss, gradient = step_function.loss_and_gradient(current, active, all_index, step)
+            if step == 0:
+                initial_loss[active] = loss
+                bad = nonfinite_samples(loss)
+                if bad.numel():
+                    _raise_nonfinite_loss(bad, initial_loss, initial_loss, config.precision)
+            final_loss[active] = loss
+            if epsilon is not None:  # without early stopping: no masking, no device sync
+                keep = loss >= epsilon
+                active, gradient = active[keep], gradient[keep]
+                if active.numel() == 0:
+                    break
+            peak = _per_sample_max(gradient.abs())
+            peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+            updated = current[active] - config.step_size * (gradient / peak)
+            if config.clamp is not None:
+                updated = updated.clamp(*config.clamp)
+            current[active] = updated.detach()
+            iterations[active] += 1
+    bad = nonfinite_samples(torch.cat([initial_loss.view(-1, 1), final_loss.view(-1, 1), current.flatten(1)], dim=1))
+    if bad.numel():
+        _raise_nonfinite_loss(bad, initial_loss, final_loss, config.precision)
     return Perturbation(current, FameStats(iterations, initial_loss, final_loss))
 
 
 def perturbation_maps(objective: ObjectiveFn, inputs: Tensor, config: FameConfig, return_stats: bool = False):
     """LOTS perturbation of ``inputs`` followed by ``attribution_map``; the caller guards the model."""
     result = lots_perturbation(objective, inputs, config)
-    maps = attribution_map(inputs, result.perturbed, config)
+    maps = attribution_map(inputs.to(result.perturbed.dtype), result.perturbed, config)
     return (maps, result.stats) if return_stats else maps
 
 
@@ -284,11 +448,13 @@ def explain(
 ):
     """FAME maps (B, 1, H, W) in [0, 1] for any per-sample loss ``objective(images) -> (B,)``.
 
-    The model is run in eval mode with frozen parameters and is restored exactly afterwards;
-    the call works under ``torch.inference_mode()`` / ``torch.no_grad()``. With
-    ``return_stats=True`` it returns ``(maps, FameStats)``.
+    The model is run in eval mode with frozen parameters and is restored exactly afterwards
+    (also its memory format with ``channels_last``); the call works under
+    ``torch.inference_mode()`` / ``torch.no_grad()`` and under an outer autocast, which the
+    engine's own ``config.precision`` overrides. ``epsilon="task"`` means no early stop for a
+    custom objective. With ``return_stats=True`` it returns ``(maps, FameStats)``.
     """
-    config = config or FameConfig()
+    config = (config or FameConfig()).for_task("custom")
     check_images(images)
-    with explaining(model):
+    with explaining(model, channels_last=config.channels_last):
         return perturbation_maps(objective, images.detach().clone(), config, return_stats)

@@ -7,7 +7,16 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .engine import FameConfig, FameStats, attribution_map, check_images, lots_perturbation, perturbation_maps
+from .engine import (
+    FameConfig,
+    FameStats,
+    TASK_EPSILONS,
+    attribution_map,
+    check_images,
+    lots_perturbation,
+    perturbation_maps,
+    working_dtype,
+)
 from .guard import explaining
 from .objectives import (
     VERIFICATION_MODES,
@@ -15,12 +24,14 @@ from .objectives import (
     CosineToReference,
     FeatureActivation,
     check_locations,
+    full_precision,
     grid_locations,
     resolve_layer,
 )
+from .precision import engine_arithmetic, forward_autocast, maybe_channels_last
 
 #: The paper's setting for face verification: stop once the similarity loss is below 0.01.
-VERIFICATION_EPSILON = 0.01
+VERIFICATION_EPSILON = TASK_EPSILONS["verification"]
 
 
 def _check_targets(targets, batch: int, device) -> Tensor:
@@ -41,20 +52,24 @@ def explain_classification(
     images: Tensor,
     targets: Union[Tensor, Sequence[int], int],
     config: Optional[FameConfig] = None,
-    absolute: bool = False,
+    loss: str = "logit",
     return_stats: bool = False,
 ):
     """FAME maps (B, 1, H, W) in [0, 1] for class ``targets`` of a classifier returning logits.
 
-    The loss is the target logit z_o (``absolute=True``: |z_o|); the paper runs T = 500 steps with
-    no early stop. The step is taken in the space ``images`` live in: hand the normalized tensor to
-    perturb it, or [0, 1] pixels to a model that normalizes inside.
+    ``loss`` is what the descent lowers for class o: "logit" z_o (the paper's), "abs_logit"
+    |z_o|, "log_softmax" log p_o, "probability" p_o, or "margin" z_o - max_{j != o} z_j; with
+    ``epsilon=0`` the margin stops each image once o is no longer its top class, so a correctly
+    classified image always takes at least one step. The paper runs T = 500 steps with no early
+    stop (``epsilon="task"`` means None here). The step is taken in the space ``images`` live
+    in: hand the normalized tensor to perturb it, or [0, 1] pixels to a model that normalizes
+    inside.
     """
-    config = config or FameConfig()
+    config = (config or FameConfig()).for_task("classification")
     check_images(images)
-    with explaining(model):
+    with explaining(model, channels_last=config.channels_last):
         inputs = images.detach().clone()
-        objective = ClassLogit(model, _check_targets(targets, inputs.shape[0], inputs.device), absolute)
+        objective = ClassLogit(model, _check_targets(targets, inputs.shape[0], inputs.device), loss)
         return perturbation_maps(objective, inputs, config, return_stats)
 
 
@@ -70,11 +85,19 @@ def _broadcast_references(reference_images: Tensor, batch: int) -> Tensor:
     return reference_images
 
 
-def embed(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Embeddings of ``images`` without gradients (B, D)."""
-    with torch.no_grad():
-        chunks = [model(images[start : start + batch_size]) for start in range(0, images.shape[0], batch_size)]
-    return torch.cat(chunks)
+def embed(model: nn.Module, images: Tensor, batch_size: int = 256, config: Optional[FameConfig] = None) -> Tensor:
+    """Embeddings of ``images`` without gradients (B, D), in ``config``'s precision and memory
+    format (the same forward pass the explained side runs), returned in x_t's dtype."""
+    config = config or FameConfig()
+    device = images.device
+    chunks = []
+    with torch.no_grad(), engine_arithmetic(config.precision, device):
+        for start in range(0, images.shape[0], batch_size):
+            chunk = maybe_channels_last(images[start : start + batch_size].to(working_dtype(images)),
+                                        config.channels_last)
+            with forward_autocast(config.precision, device):
+                chunks.append(model(chunk))
+    return full_precision(torch.cat(chunks))
 
 
 def explain_verification(
@@ -90,11 +113,12 @@ def explain_verification(
 
     ``reference_images`` is one image for the whole batch or one per sample; its embedding is
     computed once and frozen, so a map explains ``images`` only (swap the roles for the other
-    side). Without a config the paper's setting is used: FameConfig(epsilon=0.01). All modes run
-    as one batch. Returns ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with
-    ``return_stats=True``).
+    side). The paper stops each sample once its loss is below 0.01: ``epsilon="task"``, the
+    default of every FameConfig, means exactly that here, so a config that changes other fields
+    keeps it; pass ``epsilon=None`` to run all T steps. All modes run as one batch. Returns
+    ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with ``return_stats=True``).
     """
-    config = config or FameConfig(epsilon=VERIFICATION_EPSILON)
+    config = (config or FameConfig()).for_task("verification")
     check_images(images)
     modes = tuple(modes)
     unknown = [mode for mode in modes if mode not in VERIFICATION_MODES]
@@ -106,15 +130,16 @@ def explain_verification(
         raise ValueError(
             f"reference_images must have {images.shape[1]} channels like images, got shape {tuple(references.shape)}"
         )
-    with explaining(model):
+    with explaining(model, channels_last=config.channels_last):
         inputs = images.detach().clone()
-        reference_embeddings = embed(model, references.detach().clone().to(inputs.device)).expand(batch, -1)
+        reference_embeddings = embed(model, references.detach().clone().to(inputs.device), config=config)
+        reference_embeddings = reference_embeddings.expand(batch, -1)
         stacked = inputs.repeat(len(modes), 1, 1, 1)
         dissimilar = torch.tensor([mode == "dissimilar" for mode in modes], device=inputs.device)
         dissimilar = dissimilar.repeat_interleave(batch)
         objective = CosineToReference(model, reference_embeddings.repeat(len(modes), 1), dissimilar)
         result = lots_perturbation(objective, stacked, config)
-        maps = attribution_map(stacked, result.perturbed, config)
+        maps = attribution_map(stacked.to(result.perturbed.dtype), result.perturbed, config)
     out = {mode: maps[k * batch : (k + 1) * batch] for k, mode in enumerate(modes)}
     if not return_stats:
         return out
@@ -150,7 +175,7 @@ def explain_feature_map(
     cell of the layer's output, row-major (49 for ResNet ``layer4`` at 224 px). The locations run
     as one batch, or in chunks of ``batch_size``. ``layer`` is a submodule or its dotted name.
     """
-    config = config or FameConfig()
+    config = (config or FameConfig()).for_task("feature_map")
     if isinstance(image, Tensor) and image.dim() == 3:
         image = image.unsqueeze(0)
     check_images(image, "image")
@@ -163,14 +188,14 @@ def explain_feature_map(
     locations = check_locations(locations, height, width, image.device)
     chunk = batch_size or locations.shape[0]
     maps, stats = [], []
-    with explaining(model):
+    with explaining(model, channels_last=config.channels_last):
         source = image.detach().clone()
         for start in range(0, locations.shape[0], chunk):
             selected = locations[start : start + chunk]
             inputs = source.expand(selected.shape[0], -1, -1, -1).clone()
             with FeatureActivation(model, module, selected) as objective:
                 result = lots_perturbation(objective, inputs, config)
-            maps.append(attribution_map(inputs, result.perturbed, config))
+            maps.append(attribution_map(inputs.to(result.perturbed.dtype), result.perturbed, config))
             stats.append(result.stats)
     maps = torch.cat(maps)
     if not return_stats:

@@ -10,13 +10,15 @@ from torch import nn
 
 
 @contextmanager
-def explaining(model: Optional[nn.Module]) -> Iterator[None]:
+def explaining(model: Optional[nn.Module], channels_last: bool = False) -> Iterator[None]:
     """Run the body with gradients enabled, the model in eval mode and its parameters frozen.
 
     Leaves ``torch.inference_mode`` and ``torch.no_grad`` (as Lightning's validate / predict set
-    them), so tensors made inside can enter autograd. On exit every module's train/eval flag,
-    every parameter's ``requires_grad`` and ``.grad`` are restored to what they were, also when
-    the body raises.
+    them), so tensors made inside can enter autograd. With ``channels_last`` the model's 4-D
+    parameters and buffers are converted to channels-last memory format for the body (a copy of
+    those tensors; the originals are kept aside untouched). On exit every module's train/eval
+    flag, every parameter's ``requires_grad``, ``.grad`` and data and every buffer are restored
+    to what they were, also when the body raises.
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -25,6 +27,8 @@ def explaining(model: Optional[nn.Module]) -> Iterator[None]:
     training = [module.training for module in modules]
     requires_grad = [parameter.requires_grad for parameter in parameters]
     grads = [parameter.grad for parameter in parameters]
+    data = [parameter.data for parameter in parameters]
+    buffers = [dict(module._buffers) for module in modules]
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -33,10 +37,14 @@ def explaining(model: Optional[nn.Module]) -> Iterator[None]:
                 module.training = False
             for parameter in parameters:
                 parameter.requires_grad_(False)
+            if channels_last and model is not None:
+                model.to(memory_format=torch.channels_last)
             yield
         finally:
-            for module, flag in zip(modules, training):
+            for module, flag, kept in zip(modules, training, buffers):
                 module.training = flag
-            for parameter, flag, grad in zip(parameters, requires_grad, grads):
+                module._buffers.update(kept)
+            for parameter, flag, grad, tensor in zip(parameters, requires_grad, grads, data):
+                parameter.data = tensor
                 parameter.requires_grad_(flag)
                 parameter.grad = grad

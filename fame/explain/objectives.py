@@ -15,6 +15,14 @@ from torch import Tensor, nn
 VERIFICATION_MODES = ("similar", "dissimilar")
 
 
+CLASSIFICATION_LOSSES = ("logit", "abs_logit", "log_softmax", "probability", "margin")
+
+
+def full_precision(values: Tensor) -> Tensor:
+    """A model output from an autocast region in float32 (float32 / float64 outputs as they are)."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def _forward_2d(model: nn.Module, images: Tensor, what: str) -> Tensor:
     output = model(images)
     if isinstance(output, (tuple, list)):
@@ -22,18 +30,47 @@ def _forward_2d(model: nn.Module, images: Tensor, what: str) -> Tensor:
     if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != images.shape[0]:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise ValueError(f"the model must return {what} of shape (B, D) for B = {images.shape[0]}, got {shape}")
-    return output
+    return full_precision(output)
+
+
+def check_classification_loss(loss: str) -> str:
+    """The loss variant's name, or a ValueError listing the variants."""
+    if loss not in CLASSIFICATION_LOSSES:
+        raise ValueError(
+            f"unknown classification loss {loss!r}; choose one of {', '.join(map(repr, CLASSIFICATION_LOSSES))}"
+        )
+    return loss
+
+
+def classification_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
+    """Per-sample loss of class o = ``targets`` from logits z (B, K):
+
+    logit z_o (the paper's), abs_logit |z_o|, log_softmax z_o - logsumexp(z), probability
+    softmax(z)_o, margin z_o - max_{j != o} z_j (below 0 once o is no longer the top class).
+    """
+    check_classification_loss(loss)
+    chosen = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    if loss == "logit":
+        return chosen
+    if loss == "abs_logit":
+        return chosen.abs()
+    if loss == "log_softmax":
+        return logits.log_softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+    if loss == "probability":
+        return logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
+    return chosen - others.amax(dim=1)
 
 
 class ClassLogit:
-    """Classification loss z_o, the logit of each sample's class o (or |z_o|)."""
+    """Classification loss of each sample's class o (``classification_loss``; default z_o)."""
 
     accepts_index = True
 
-    def __init__(self, model: nn.Module, targets: Tensor, absolute: bool = False):
+    def __init__(self, model: nn.Module, targets: Tensor, loss: str = "logit"):
         self.model = model
         self.targets = targets
-        self.absolute = absolute
+        self.loss = check_classification_loss(loss)
         self._checked = False
 
     def __call__(self, images: Tensor, index: Tensor) -> Tensor:
@@ -43,10 +80,10 @@ class ClassLogit:
                 raise ValueError(
                     f"targets must be class indices in [0, {logits.shape[1]}), got {self.targets.tolist()}"
                 )
+            if self.loss == "margin" and logits.shape[1] < 2:
+                raise ValueError("the margin loss needs at least 2 classes, the model returns 1 logit")
             self._checked = True
-        targets = self.targets[index]
-        chosen = logits.gather(1, targets.view(-1, 1)).squeeze(1)
-        return chosen.abs() if self.absolute else chosen
+        return classification_loss(logits, self.targets[index], self.loss)
 
 
 class CosineToReference:
@@ -137,7 +174,7 @@ class FeatureActivation:
         features = self.activations(images)
         rows, cols = self.locations[index].unbind(dim=1)
         batch = torch.arange(features.shape[0], device=features.device)
-        return features[batch, :, rows, cols].abs().sum(dim=1)
+        return full_precision(features[batch, :, rows, cols]).abs().sum(dim=1)
 
 
 def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> nn.Module:
