@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fame.explain.baselines import cam_maps, centre_gaussian_maps, floor_maps, random_maps, sobel_maps
+from fame.explain.baselines import cam_maps, centre_gaussian_maps, floor_maps, random_maps, sample_seed, sobel_maps
 
 from nets import TinyClassifier
 
@@ -71,3 +71,19 @@ def test_floors():
     assert edges[0, 0, :, 2:4].min() > 0.99 and edges[0, 0, :, :1].max() == 0 and edges[0, 0, :, 5:].max() < 1e-6
     with pytest.raises(ValueError, match="unknown floor"):
         floor_maps("gaussian", images)
+
+
+def test_random_maps_are_seeded_per_sample_id():
+    images = torch.rand(4, 3, 6, 7)
+    ids = ["img/0001.jpg", "img/0002.jpg", "img/0003.jpg", "img/0004.jpg"]
+    whole = random_maps(images, ids, seed=7)
+    # Another batch size, another order, a resumed run that only computes the last two: same maps.
+    reordered = random_maps(images[[3, 1, 0, 2]], [ids[3], ids[1], ids[0], ids[2]], seed=7)
+    torch.testing.assert_close(reordered, whole[[3, 1, 0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(random_maps(images[2:], ids[2:], seed=7), whole[2:], rtol=0, atol=0)
+    assert not torch.equal(whole[0], whole[1])
+    assert not torch.equal(random_maps(images, ids, seed=8), whole)
+    # The seed is crc32("<seed>:<id>"), the same in every process and on every machine.
+    assert sample_seed("img/0001.jpg", 7) == 782219301
+    with pytest.raises(ValueError, match=r"one sample id per image \(4\), got 3"):
+        random_maps(images, ids[:3])

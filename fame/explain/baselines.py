@@ -40,7 +40,7 @@ class CosineSimilarityTarget:
     def __init__(self, reference_embedding: Tensor, dissimilar: bool = False):
         if reference_embedding.dim() != 1:
             raise ValueError(f"reference_embedding must be one embedding (D,), got shape {tuple(reference_embedding.shape)}")
-        self.reference = F.normalize(reference_embedding.detach(), dim=0)
+        self.reference = reference_embedding.detach()
         self.dissimilar = dissimilar
 
     def __call__(self, embedding: Tensor) -> Tensor:
@@ -48,7 +48,9 @@ class CosineSimilarityTarget:
             raise ValueError(
                 f"the model's embedding {tuple(embedding.shape)} differs in shape from the reference {tuple(self.reference.shape)}"
             )
-        similarity = (F.normalize(embedding, dim=0) * self.reference.to(embedding.device)).sum()
+        # Normalized here, under the caller's grad mode, so a reference made in inference mode works.
+        reference = F.normalize(self.reference.to(embedding.device), dim=0)
+        similarity = (F.normalize(embedding, dim=0) * reference).sum()
         return 1.0 - similarity if self.dissimilar else similarity
 
 
@@ -86,8 +88,9 @@ def cam_maps(
 
 
 def sample_seed(sample_id: str, seed: int = 0) -> int:
-    """A seed for one sample: zlib.crc32 of its id (stable across runs and machines) and ``seed``."""
-    return zlib.crc32(str(sample_id).encode("utf-8")) + ((int(seed) & 0xFFFFFFFF) << 32)
+    """A 32-bit seed for one sample: zlib.crc32 of "<seed>:<id>", stable across runs, processes and
+    machines (Python's hash() is salted per process; torch's CPU generator keeps 32 bits)."""
+    return zlib.crc32(f"{int(seed)}:{sample_id}".encode("utf-8"))
 
 
 def random_maps(images: Tensor, ids: Optional[Sequence[str]] = None, seed: int = 0) -> Tensor:
