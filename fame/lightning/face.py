@@ -1,0 +1,389 @@
+"""Training a face-recognition model with Lightning: a face backbone, a margin head and verification.
+
+The recipe follows insightface's arcface_torch: SGD (lr 0.1, momentum 0.9, weight decay 5e-4 on
+every parameter), a polynomial decay of power 2 stepped per batch after an optional linear warm-up,
+the backbone's gradient norm clipped to 5, mixed precision on GPU through the Trainer's
+``precision`` ("16-mixed" or "bf16-mixed"; the margin heads compute in float32 anyway).
+
+Validation runs the standard face-recognition protocol (DESIGN.md sec. 3) on every configured
+verification set: the embedding of each image plus its horizontal flip, L2-normalized; cosine
+similarity per pair; k-fold accuracy, EER and TAR@FAR from :mod:`fame.metrics.verification`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from ..data.face_modules import PAIR_KEYS, FaceTrainingDataModule, VerificationDataModule
+from ..metrics.verification import verification_report
+from ..models.export import export_onnx, export_state_dict
+from ..models.face import FaceEmbedder, build_face_model
+from ..models.heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
+
+#: Margin heads by the ``name`` of a head spec.
+HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMarginHead, "adaface": AdaFaceHead}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("polynomial", "constant")
+#: The metrics logged per verification set, as ``<stage>/<set>/<name>``.
+SET_METRICS = ("acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "pairs")
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(key): _plain_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(item) for item in value]
+    return value
+
+
+def _plain(spec: Any, key: str) -> Optional[Dict[str, Any]]:
+    """A spec as a plain dict (OmegaConf nodes converted), so checkpoints load with weights_only=True."""
+    if spec is None:
+        return None
+    spec = _plain_value(spec)
+    if not isinstance(spec, dict):
+        raise TypeError(f"{key} must be a mapping of keyword arguments, got {type(spec).__name__}: {spec!r}")
+    return spec
+
+
+def build_face_backbone(spec: Mapping[str, Any], embedding_size: int) -> FaceEmbedder:
+    """A :class:`~fame.models.FaceEmbedder` from a plain spec.
+
+    Either the keyword arguments of :func:`~fame.models.build_face_model` (``arch`` plus e.g.
+    ``checkpoint`` to start from pretrained weights, ``input_size``, ``widths``, ``dropout``;
+    ``embedding_size`` is added) or a ``_target_`` spec whose result is a FaceEmbedder.
+    """
+    spec = dict(spec)
+    if "_target_" in spec:
+        from ..config import instantiate
+
+        embedder = instantiate(spec, "backbone")
+    else:
+        if "arch" not in spec:
+            raise ValueError(f"the backbone spec needs an 'arch' (see fame.models.face_arch_names()), got {spec!r}")
+        if spec["arch"] != "onnx":
+            spec.setdefault("embedding_size", embedding_size)
+        embedder = build_face_model(**spec)
+    if not isinstance(embedder, FaceEmbedder):
+        raise TypeError(f"the backbone spec must build a fame.models.FaceEmbedder, got {type(embedder).__name__}")
+    if embedder.embedding_size != embedding_size:
+        raise ValueError(
+            f"the backbone's embeddings have {embedder.embedding_size} dimensions but embedding_size is "
+            f"{embedding_size}; set embedding_size={embedder.embedding_size}"
+        )
+    return embedder
+
+
+def build_margin_head(spec: Optional[Mapping[str, Any]], embedding_size: int, num_classes: int) -> nn.Module:
+    """A margin head from a plain spec: ``{"name": "arcface" | "cosface" | "combined" | "adaface",
+    **its keyword arguments}`` (e.g. ``scale``, ``margin``; ``m1, m2, m3`` for combined) or a
+    ``_target_`` spec; None is ArcFace with s = 64, m = 0.5."""
+    spec = dict(spec or {"name": "arcface"})
+    if "_target_" in spec:
+        from ..config import instantiate
+
+        return instantiate(spec, "head", embedding_size=embedding_size, num_classes=num_classes)
+    name = spec.pop("name", None)
+    if name not in HEADS:
+        raise ValueError(f"head name must be one of {sorted(HEADS)}, got {name!r}")
+    return HEADS[name](embedding_size, num_classes, **spec)
+
+
+def pair_key(pair_id: str) -> int:
+    """A signed 64-bit integer standing for a pair id string, so ids can travel in tensor collectives."""
+    return int.from_bytes(hashlib.blake2b(str(pair_id).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def polynomial_decay(step: int, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> float:
+    """arcface_torch's PolyScheduler factor: ``step / warmup`` during warm-up, then
+    ``(1 - (step - warmup) / (total - warmup)) ** power``, 0 from ``total_steps`` on."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    remaining = 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return max(remaining, 0.0) ** power
+
+
+class FaceRecognizer(L.LightningModule):
+    """A face embedder trained through a margin head; verified on pair sets while it trains.
+
+    Args:
+        backbone: plain-dict spec of the embedder (see :func:`build_face_backbone`), e.g.
+            ``{"arch": "iresnet50"}`` or ``{"arch": "small", "input_size": 64}``.
+        head: plain-dict spec of the margin head (see :func:`build_margin_head`); None = ArcFace.
+        num_classes: training identities.
+        embedding_size: embedding dimensions (the backbone must produce this many).
+        optimizer: "sgd" (momentum) or "adamw"; ``lr``, ``momentum``, ``weight_decay`` as named.
+        schedule: "polynomial" (per step, ``power``, linear warm-up over ``warmup_steps``) or "constant".
+        clip_grad_norm: max L2 norm of the backbone's gradients (arcface_torch clips them to 5);
+            None turns it off. The Trainer's ``gradient_clip_val``, if set, applies in addition to
+            every parameter.
+        val_sets: names of the verification sets, in the order of the val (and test) dataloaders;
+            None takes ``val_sets`` of the Trainer's datamodule (:class:`FaceRecognitionDataModule`).
+        folds: folds of the k-fold accuracy; ``far``: the false accept rate of ``tar_at_far``.
+
+    ``self.embedder`` is the :class:`~fame.models.FaceEmbedder` ([0, 1] RGB in, embeddings out),
+    ``self.head`` the margin head. Logs ``train/loss`` and, per verification set and stage
+    (``val`` or ``test``), ``<stage>/<set>/acc`` (k-fold mean), ``acc_std``, ``eer``,
+    ``eer_threshold``, ``tar_at_far`` and ``pairs`` (distinct pairs scored), plus
+    ``<stage>/acc_mean``, the mean accuracy over the sets, for checkpoint monitoring.
+    """
+
+    def __init__(
+        self,
+        backbone: Dict[str, Any],
+        head: Optional[Dict[str, Any]] = None,
+        num_classes: int = 1000,
+        embedding_size: int = 512,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: str = "polynomial",
+        power: float = 2.0,
+        warmup_steps: int = 0,
+        clip_grad_norm: Optional[float] = 5.0,
+        val_sets: Optional[List[str]] = None,
+        folds: int = 10,
+        far: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+        backbone = _plain(backbone, "backbone")
+        head = _plain(head, "head")
+        val_sets = None if val_sets is None else [str(name) for name in val_sets]
+        self.save_hyperparameters()
+        self.embedder = build_face_backbone(backbone, embedding_size).train()  # built in eval mode
+        self.head = build_margin_head(head, embedding_size, num_classes)
+        self._pairs: Dict[int, List[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    @property
+    def backbone_arguments(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~fame.models.build_face_model` that rebuild this backbone's
+        layout (``arch`` and the network arguments; no checkpoint)."""
+        spec = {key: value for key, value in self.hparams.backbone.items() if key not in ("checkpoint", "trust")}
+        if spec.get("arch") != "onnx" and "_target_" not in spec:
+            spec.setdefault("embedding_size", self.hparams.embedding_size)
+        return spec
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Embeddings (B, D) of [0, 1] RGB crops (not normalized)."""
+        return self.embedder(images)
+
+    def embed_with_flip(self, images: Tensor) -> Tensor:
+        """L2-normalized sum of the embeddings of the images and their horizontal mirrors."""
+        both = self.embedder(torch.cat([images, images.flip(-1)]))
+        original, mirrored = both.float().chunk(2)
+        return F.normalize(original + mirrored, dim=1)
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        images, labels = batch["image"], torch.as_tensor(batch["label"], device=self.device)
+        logits = self.head(self.embedder(images), labels)
+        loss = F.cross_entropy(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The Trainer's clipping (if configured), then arcface_torch's ``clip_grad_norm_`` of the
+        backbone. Under mixed precision Lightning unscales the gradients before this hook."""
+        if gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.hparams.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.embedder.parameters(), self.hparams.clip_grad_norm)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
+            return optimizer
+        total_steps = self.trainer.estimated_stepping_batches
+        if total_steps == float("inf"):
+            raise ValueError("the polynomial schedule needs a finite run: set trainer max_steps or max_epochs")
+        total_steps = int(total_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: polynomial_decay(step, total_steps, hp.warmup_steps, hp.power)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- verification
+    def _collect_pairs(self, batch: Dict[str, Any], dataloader_idx: int) -> None:
+        if not isinstance(batch, Mapping) or any(key not in batch for key in PAIR_KEYS):
+            found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(
+                f"FaceRecognizer validates on verification pairs: batches need the keys {list(PAIR_KEYS)} "
+                f"(a VerificationDataModule's loaders), got {found}"
+            )
+        gallery, probe = batch["gallery"], batch["probe"]
+        embeddings = self.embed_with_flip(torch.cat([gallery, probe]))
+        gallery_embeddings, probe_embeddings = embeddings.split(gallery.shape[0])
+        scores = (gallery_embeddings * probe_embeddings).sum(dim=1)
+        labels = torch.as_tensor(batch["same"], device=scores.device).long()
+        keys = torch.tensor([pair_key(pair_id) for pair_id in batch["id"]], dtype=torch.long, device=scores.device)
+        self._pairs.setdefault(dataloader_idx, []).append((keys, scores, labels))
+
+    def _gather_pairs(self, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Every rank's (scores, labels) of one set, each pair once, in the loader's pair order.
+
+        A collective: every rank must call it. Lightning's DistributedSampler deals the pairs
+        round-robin (rank r gets pairs r, r + W, ...) and pads the last round by repeating pairs,
+        so interleaving the ranks restores the order (the folds are contiguous in it) and the
+        repeats are dropped by pair id.
+        """
+        parts = self._pairs.get(dataloader_idx, [])
+        empty = torch.zeros(0, device=self.device)
+        keys = torch.cat([part[0] for part in parts]) if parts else empty.long()
+        scores = torch.cat([part[1] for part in parts]) if parts else empty.float()
+        labels = torch.cat([part[2] for part in parts]) if parts else empty.long()
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(torch.tensor(keys.numel(), device=self.device)).reshape(-1)
+            most = int(counts.max())
+            gathered = []
+            for values in (keys, scores, labels):
+                padded = torch.cat([values, values.new_zeros(most - values.numel())])
+                gathered.append(self.all_gather(padded).reshape(len(counts), most))
+            valid = torch.arange(most, device=counts.device)[None, :] < counts[:, None]
+            order = valid.t().reshape(-1)  # position p of rank r comes at p * W + r
+            keys, scores, labels = (values.t().reshape(-1)[order] for values in gathered)
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        positions = torch.arange(keys.numel(), device=keys.device)
+        first = torch.full_like(unique_keys, keys.numel()).scatter_reduce_(0, inverse, positions, reduce="amin")
+        first = torch.sort(first).values
+        return scores[first], labels[first].bool()
+
+    def _set_names(self, num_loaders: int) -> List[str]:
+        names = self.hparams.val_sets
+        if names is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            names = getattr(datamodule, "val_sets", None)
+            if names is None:
+                raise ValueError(
+                    "name the verification sets: pass val_sets=[...] (one name per val dataloader, in order) "
+                    "or use a FaceRecognitionDataModule"
+                )
+        if len(names) != num_loaders:
+            raise ValueError(
+                f"val_sets names {len(names)} verification sets ({list(names)}) but there are "
+                f"{num_loaders} val dataloaders; give one name per dataloader, in order"
+            )
+        return list(names)
+
+    def _log_verification(self, stage: str, num_loaders: int) -> None:
+        names = self._set_names(num_loaders)
+        accuracies = []
+        for index, name in enumerate(names):
+            scores, labels = self._gather_pairs(index)  # every rank, every set: a collective
+            try:
+                report = verification_report(scores, labels, folds=self.hparams.folds, far=self.hparams.far)
+            except ValueError as error:
+                raise ValueError(f"verification set {name!r} ({labels.numel()} pairs): {error}") from error
+            values = {
+                "acc": report["accuracy_mean"],
+                "acc_std": report["accuracy_std"],
+                "eer": report["eer"],
+                "eer_threshold": report["eer_threshold"],
+                "tar_at_far": report["tar_at_far"],
+                "pairs": float(labels.numel()),
+            }
+            for metric, value in values.items():
+                self._log_everywhere(f"{stage}/{name}/{metric}", value)
+            accuracies.append(report["accuracy_mean"])
+        self._log_everywhere(f"{stage}/acc_mean", sum(accuracies) / len(accuracies), prog_bar=True)
+
+    def _log_everywhere(self, name: str, value: float, prog_bar: bool = False) -> None:
+        """Log a value every rank computed identically from the gathered pairs (reduced with max,
+        which keeps it exact, so every rank's checkpoint callback sees the monitored value)."""
+        self.log(name, value, prog_bar=prog_bar, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
+
+    def on_validation_epoch_start(self) -> None:
+        self._pairs = {}
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect_pairs(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # a few sanity batches are too few pairs for k folds
+            self._log_verification("val", len(self.trainer.num_val_batches))
+        self._pairs = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._pairs = {}
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect_pairs(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_verification("test", len(self.trainer.num_test_batches))
+        self._pairs = {}
+
+    # ----------------------------------------------------------------------------------- export
+    def export_backbone(self, path: str | os.PathLike) -> Path:
+        """Write the backbone: ONNX when ``path`` ends in ``.onnx`` (see
+        :func:`~fame.models.export.export_onnx`), else a bare state_dict that
+        ``build_face_model(checkpoint=path, **self.backbone_arguments)`` loads strictly."""
+        if Path(path).suffix.lower() == ".onnx":
+            return export_onnx(self.embedder, path)
+        return export_state_dict(self.embedder, path)
+
+
+def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu") -> FaceRecognizer:
+    """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True``."""
+    return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+
+
+class FaceRecognitionDataModule(L.LightningDataModule):
+    """Identity training batches from a :class:`~fame.data.FaceTrainingDataModule` and one val
+    (and test) dataloader per named :class:`~fame.data.VerificationDataModule`, in the order of
+    ``verification`` (its keys are :attr:`val_sets`)."""
+
+    def __init__(self, training: FaceTrainingDataModule, verification: Mapping[str, VerificationDataModule]) -> None:
+        super().__init__()
+        if not verification:
+            raise ValueError("give at least one verification set: verification={name: VerificationDataModule}")
+        self.training = training
+        self.verification = dict(verification)
+
+    @property
+    def val_sets(self) -> List[str]:
+        return list(self.verification)
+
+    @property
+    def num_classes(self) -> int:
+        return self.training.num_classes
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.training.setup(stage)
+        for pairs in self.verification.values():
+            pairs.setup(stage)
+
+    def train_dataloader(self):
+        return self.training.train_dataloader()
+
+    def val_dataloader(self):
+        return [pairs.val_dataloader() for pairs in self.verification.values()]
+
+    def test_dataloader(self):
+        return [pairs.test_dataloader() for pairs in self.verification.values()]
