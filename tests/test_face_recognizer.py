@@ -49,7 +49,8 @@ def face_data(pair_batch_size=4):
 
 def recognizer(**overrides):
     torch.manual_seed(0)
-    return FaceRecognizer(**{"backbone": BACKBONE, "num_classes": IDENTITIES, "embedding_size": EMBEDDING, **overrides})
+    settings = {"backbone": BACKBONE, "head": None, "num_classes": IDENTITIES, "embedding_size": EMBEDDING}
+    return FaceRecognizer(**{**settings, **overrides})
 
 
 def trainer(**overrides):
@@ -219,6 +220,22 @@ def test_backbone_exports_load_back(tmp_path):
         torch.testing.assert_close(from_state_dict(images), expected)
         from_onnx = build_face_model("onnx", model.export_backbone(tmp_path / "backbone.onnx"))
         torch.testing.assert_close(from_onnx(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fine_tunes_from_pretrained_weights_and_reloads_without_them(tmp_path):
+    pretrained = recognizer()
+    weights = pretrained.export_backbone(tmp_path / "pretrained.pth")
+    model = recognizer(backbone={**BACKBONE, "checkpoint": str(weights)})
+    for name, value in pretrained.embedder.state_dict().items():
+        torch.testing.assert_close(model.embedder.state_dict()[name], value)
+    run = trainer(max_steps=1, limit_val_batches=0)
+    run.fit(model, face_data())
+    run.save_checkpoint(tmp_path / "fine_tuned.ckpt")
+    weights.unlink()
+    reloaded = load_face_recognizer(tmp_path / "fine_tuned.ckpt").eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), model.eval()(images))
 
 
 def test_pair_keys_are_stable_and_distinct():

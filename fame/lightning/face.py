@@ -143,8 +143,8 @@ class FaceRecognizer(L.LightningModule):
     def __init__(
         self,
         backbone: Dict[str, Any],
-        head: Optional[Dict[str, Any]] = None,
-        num_classes: int = 1000,
+        head: Optional[Dict[str, Any]],
+        num_classes: int,
         embedding_size: int = 512,
         optimizer: str = "sgd",
         lr: float = 0.1,
@@ -349,8 +349,15 @@ class FaceRecognizer(L.LightningModule):
 
 
 def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu") -> FaceRecognizer:
-    """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True``."""
-    return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+    """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True``.
+
+    The pretrained weights a run started from (the backbone spec's ``checkpoint``) are not read
+    again: the Lightning checkpoint holds the trained ones, and the file may be gone.
+    """
+    hyper_parameters = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    backbone = dict(hyper_parameters.get("backbone") or {})
+    backbone.pop("checkpoint", None)
+    return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True, backbone=backbone)
 
 
 class FaceRecognitionDataModule(L.LightningDataModule):
