@@ -1,0 +1,210 @@
+"""Reports: bootstrap summaries, the paper-shaped tables, curve and sweep plots, the sweep index."""
+
+import json
+import multiprocessing
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fame.report import (
+    Column,
+    bootstrap_counts,
+    curve_areas,
+    markdown_table,
+    plot_curves,
+    plot_sweep,
+    read_sweep_index,
+    summarize,
+    sweep_table,
+    write_sweep_entry,
+)
+
+LEVELS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+
+
+def scores(methods=("fame", "gradcam"), samples=40, seed=0):
+    """A long score table with scalar metrics (IoU, verification AUC) and ROAD / deletion curves."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for offset, method in enumerate(methods):
+        for s in range(samples):
+            sid = f"id-{s:03d}"
+            for metric in ("iou_30", "iou_50", "pointing_game"):
+                rows.append((method, metric, np.nan, rng.uniform(0.2, 0.6) + 0.1 * offset, sid))
+            for order in ("morf", "lerf"):
+                for imputation in ("zero", "linear"):
+                    slope = 0.05 if order == "morf" else 0.01
+                    for level in LEVELS:
+                        rows.append((method, f"road_{order}_{imputation}_logit_drop", float(level),
+                                     slope * level + rng.normal(0, 0.1), sid))
+            for level in LEVELS:
+                rows.append((method, "deletion", level / 100, 1 - level / 100, sid))
+            rows.append((method, "deletion_auc", np.nan, 0.5, sid))
+    return pd.DataFrame(rows, columns=["method", "metric", "level", "value", "sample_id"])
+
+
+def test_summary_mean_and_interval_match_a_literal_bootstrap():
+    frame = scores(samples=30)
+    summary = summarize(frame, resamples=500, seed=3)
+    row = summary[(summary.method == "fame") & (summary.metric == "iou_30")].iloc[0]
+    values = frame[(frame.method == "fame") & (frame.metric == "iou_30")].sort_values("sample_id")["value"].to_numpy()
+    assert row.n == 30 and row["mean"] == pytest.approx(values.mean())
+    # literal resampling with the same draws: index sets -> means -> quantiles
+    generator = np.random.default_rng([3, 30])
+    draws = generator.integers(0, 30, size=(500, 30))
+    means = values[draws].mean(axis=1)
+    assert row.low == pytest.approx(np.quantile(means, 0.025))
+    assert row.high == pytest.approx(np.quantile(means, 0.975))
+    assert row.low < row["mean"] < row.high
+
+
+def test_summary_is_seeded_and_independent_of_row_order():
+    frame = scores()
+    first = summarize(frame, seed=1)
+    shuffled = summarize(frame.sample(frac=1.0, random_state=7), seed=1)
+    pd.testing.assert_frame_equal(first, shuffled)
+    other = summarize(frame, seed=2)
+    assert not np.allclose(first["low"], other["low"])
+
+
+def test_summary_covers_levels_scalars_and_derived_curve_areas():
+    summary = summarize(scores(), resamples=200)
+    road = summary[(summary.metric == "road_morf_zero_logit_drop") & (summary.method == "fame")]
+    assert road["level"].tolist() == [float(level) for level in LEVELS]
+    scalar = summary[summary.metric == "iou_50"]
+    assert scalar["level"].isna().all() and len(scalar) == 2
+    area = summary[(summary.metric == "road_morf_zero_logit_drop_auc") & (summary.method == "fame")].iloc[0]
+    assert area["mean"] == pytest.approx(0.05 * 50, abs=0.05)  # mean drop of a linear ramp 0..5
+    # deletion_auc was written by the stage: kept as it is, not derived a second time
+    assert (summary.metric == "deletion_auc").sum() == 2
+    assert summary[summary.metric == "deletion_auc"]["mean"].tolist() == [0.5, 0.5]
+
+
+def test_curve_areas_are_the_normalized_trapezoid():
+    frame = pd.DataFrame({"method": "m", "metric": "c", "level": [0.0, 0.5, 1.0, 0.0, 0.5, 1.0],
+                          "value": [0.0, 1.0, 0.0, 1.0, 1.0, 1.0], "sample_id": ["a", "a", "a", "b", "b", "b"]})
+    areas = curve_areas(frame).set_index("sample_id")["value"]
+    assert areas["a"] == pytest.approx(0.5) and areas["b"] == pytest.approx(1.0)
+
+
+def test_summary_drops_non_finite_values_and_reads_empty_levels():
+    frame = pd.DataFrame({"method": "m", "metric": "x", "level": ["", "", ""], "value": [1.0, np.nan, 3.0],
+                          "sample_id": [1, 2, 3]})
+    summary = summarize(frame, resamples=50)
+    assert summary["n"].tolist() == [2] and summary["mean"].tolist() == [2.0]
+    with pytest.raises(ValueError, match="sample_id"):
+        summarize(frame.drop(columns="sample_id"))
+
+
+def test_bootstrap_counts_draw_n_samples_per_resample():
+    counts = bootstrap_counts(17, 64, seed=0)
+    assert counts.shape == (64, 17)
+    assert (counts.sum(axis=1) == 17).all()
+
+
+def test_summary_of_ten_thousand_samples_and_twenty_metrics_runs():
+    rng = np.random.default_rng(0)
+    samples, metrics = 10_000, 20
+    frame = pd.DataFrame({
+        "method": "fame",
+        "metric": np.repeat([f"metric_{k}" for k in range(metrics)], samples),
+        "level": np.nan,
+        "value": rng.normal(size=samples * metrics),
+        "sample_id": np.tile([f"s{i}" for i in range(samples)], metrics),
+    })
+    summary = summarize(frame, resamples=1000)
+    assert len(summary) == metrics and (summary["n"] == samples).all()
+    assert ((summary["high"] - summary["low"]) < 0.06).all()  # ~ 2 * 1.96 / sqrt(10000)
+
+
+def test_markdown_table_is_shaped_like_the_paper_with_notes():
+    summary = summarize(scores(), resamples=200)
+    table = markdown_table(summary, missing_methods=["rise"], excluded={"fame": 4, "gradcam": 0})
+    assert "### Classification (paper Tab. 1)" in table
+    header = next(line for line in table.splitlines() if line.startswith("| method | IoU"))
+    assert "IoU@0.3 ×100" in header and "IoU@0.5 ×100" in header and "IoU@0.7" not in header  # absent: left out
+    assert "ROAD MoRF zero" in header and "ROAD LeRF linear" in header and "Deletion AUC ×100" in header
+    fame_row = next(line for line in table.splitlines() if line.startswith("| fame |"))
+    row = summary[(summary.method == "fame") & (summary.metric == "iou_30")].iloc[0]
+    assert f"{100 * row['mean']:.1f} [{100 * row.low:.1f}, {100 * row.high:.1f}]" in fame_row
+    assert "### Other metrics" in table and "pointing_game" in table
+    assert "Missing from the store (not scored): rise." in table
+    assert "fame: 4" in table and "gradcam: 0" not in table
+
+
+def test_markdown_table_with_chosen_columns_and_verification_preset():
+    frame = pd.DataFrame({"method": ["fame", "corrrise"] * 2, "metric": ["verification_deletion_auc"] * 2
+                          + ["verification_insertion_auc"] * 2, "level": np.nan, "value": [20.0, 30.0, 80.0, 70.0],
+                          "sample_id": "pair-0"})
+    summary = summarize(frame, resamples=10)
+    table = markdown_table(summary)
+    assert "### Face verification (paper Tab. 2)" in table
+    assert "| fame | 20.0 [20.0, 20.0] | 80.0 [80.0, 80.0] |" in table
+    chosen = markdown_table(summarize(scores(), resamples=50), [Column("drop @50%", "road_morf_zero_logit_drop", 50.0),
+                                                               ("deletion", 0.5), "iou_30"], methods=["gradcam"])
+    assert chosen.splitlines()[0] == "| method | drop @50% | deletion@0.5 | iou_30 |"
+    assert "| gradcam | " in chosen and "| fame |" not in chosen
+
+
+def test_curve_plot_writes_a_png(tmp_path):
+    summary = summarize(scores(), resamples=50)
+    path = plot_curves(summary, "road_morf", tmp_path / "road.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 400  # two panels side by side
+    with pytest.raises(ValueError, match="no curve metric"):
+        plot_curves(summary, "iou", tmp_path / "none.png")
+
+
+def test_sweep_table_and_plot(tmp_path):
+    frames = {100: scores(seed=2), 25: scores(seed=0), 50: scores(seed=1)}
+    table = sweep_table(frames, "fame.iterations", resamples=50)
+    assert list(dict.fromkeys(table["fame.iterations"])) == [25, 50, 100]  # numeric order
+    assert {"fame.iterations", "method", "metric", "level", "mean", "low", "high"} <= set(table.columns)
+    path = plot_sweep(table, "fame.iterations", tmp_path / "sweep.png", metrics=["iou_30", "road_morf_zero_logit_drop_auc"])
+    assert path.is_file()
+    labelled = sweep_table({"explainer.iterations=50": scores(seed=1), "explainer.iterations=5": scores(seed=0)},
+                           "setting", resamples=20)
+    assert list(dict.fromkeys(labelled["setting"])) == ["explainer.iterations=5", "explainer.iterations=50"]
+    assert plot_sweep(labelled, "setting", tmp_path / "labelled.png", metrics=["iou_30"]).is_file()
+    with pytest.raises(ValueError, match="no scalar metric"):
+        plot_sweep(table, "fame.iterations", tmp_path / "x.png", metrics=["nonexistent"])
+
+
+def _append_entries(index, worker, count):
+    for k in range(count):
+        write_sweep_entry(index, f"stores/{worker}-{k}.zarr", {"explainer.iterations": str(k), "worker": worker},
+                          note="x" * 3000)
+
+
+def test_sweep_index_round_trip_with_concurrent_writers(tmp_path):
+    index = tmp_path / "sweep" / "sweep.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_entries, args=(index, w, 25)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    lines = index.read_text().splitlines()
+    assert len(lines) == 100 and all(json.loads(line)["note"] == "x" * 3000 for line in lines)
+    entries = read_sweep_index(index)
+    assert len(entries) == 100
+    assert {e["overrides"]["explainer.iterations"] for e in entries} == set(range(25))  # numbers again
+
+
+def test_sweep_index_keeps_the_latest_entry_of_a_rerun_point_and_explains_bad_lines(tmp_path):
+    index = tmp_path / "sweep.jsonl"
+    write_sweep_entry(index, "a.zarr", {"explainer.step_size": "0.5"})
+    write_sweep_entry(index, "b.zarr", {"explainer.step_size": "1.0"})
+    write_sweep_entry(index, "a.zarr", {"explainer.step_size": "0.25"})
+    entries = read_sweep_index(index)
+    assert [e["store"] for e in entries] == ["a.zarr", "b.zarr"]
+    assert entries[0]["overrides"] == {"explainer.step_size": 0.25}
+    with open(index, "a") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(ValueError, match="line 4 is not JSON"):
+        read_sweep_index(index)
+    with pytest.raises(FileNotFoundError, match="sweep.jsonl"):
+        read_sweep_index(tmp_path / "absent.jsonl")
