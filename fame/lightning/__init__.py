@@ -1,5 +1,28 @@
 """LightningModules and callbacks that orchestrate the framework-free explainers."""
 
 from .classifier import ImageClassifier, build_classification_model
+from .face import FaceRecognitionDataModule, FaceRecognizer, load_face_recognizer
+from .explain import (
+    EmptyMapWarning,
+    ExplainMethod,
+    ExplainModule,
+    ExplainProgressBar,
+    Indexed,
+    MapWriter,
+    MissingRows,
+)
 
-__all__ = ["ImageClassifier", "build_classification_model"]
+__all__ = [
+    "ImageClassifier",
+    "build_classification_model",
+    "FaceRecognitionDataModule",
+    "FaceRecognizer",
+    "load_face_recognizer",
+    "EmptyMapWarning",
+    "ExplainMethod",
+    "ExplainModule",
+    "ExplainProgressBar",
+    "Indexed",
+    "MapWriter",
+    "MissingRows",
+]
