@@ -114,6 +114,16 @@ def test_validate_and_test_log_the_same_protocol():
     assert_metrics(run.callback_metrics, expected_metrics(model, data, stage="test"))
 
 
+def test_mixed_precision_fit_validates_in_float32():
+    """bf16 autocast stands in on CPU for the GPU's 16-mixed: embeddings are summed and scored in float32."""
+    model, data = recognizer(), face_data()
+    run = trainer(precision="bf16-mixed", max_steps=2, val_check_interval=2)
+    run.fit(model, data)
+    assert math.isfinite(float(run.callback_metrics["train/loss"]))
+    assert run.callback_metrics["val/synth/pairs"] == 21
+    assert 0.0 <= float(run.callback_metrics["val/acc_mean"]) <= 1.0
+
+
 def test_polynomial_decay_by_hand():
     assert [polynomial_decay(step, 4) for step in range(5)] == [1.0, 0.5625, 0.25, 0.0625, 0.0]
     # 2 warm-up steps of 4: 0, 1/2, then (1 - 0/2)^2, (1 - 1/2)^2
