@@ -152,7 +152,7 @@ class Column:
 
 def _road_columns(quantity: str) -> List[Column]:
     return [
-        Column(f"ROAD {order_label} {imputation}", f"road_{order}_{imputation}_{quantity}{AUC_SUFFIX}")
+        Column(f"ROAD {order_label} {imputation} Δlogit", f"road_{order}_{imputation}_{quantity}{AUC_SUFFIX}")
         for imputation in ("zero", "linear")
         for order, order_label in (("morf", "MoRF"), ("lerf", "LeRF"))
     ]
