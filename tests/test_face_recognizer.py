@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fame.data import FaceTrainingDataModule, SyntheticFacePairs, SyntheticFaces, VerificationDataModule
+from fame.data import FaceRecognitionDataModule, FaceTrainingDataModule, SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.lightning.face import (
     SET_METRICS,
-    FaceRecognitionDataModule,
     FaceRecognizer,
     load_face_recognizer,
     pair_key,

@@ -6,7 +6,7 @@ from fame.data.imagenet import ImageNetValidation, build_imagenet_subset
 from fame.data.recordio import RecordIODataset
 from fame.data.verification import PairsDataset, load_verification_bin
 from fame.data.synthetic_faces import SyntheticFacePairs, SyntheticFaces
-from fame.data.face_modules import FaceTrainingDataModule, VerificationDataModule
+from fame.data.face_modules import FaceRecognitionDataModule, FaceTrainingDataModule, VerificationDataModule
 from fame.data.modules import ClassificationDataModule
 from fame.data.shapes import SHAPE_CLASSES, ShapesDataset
 from fame.data.shortcut import ShortcutShapesDataset

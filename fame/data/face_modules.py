@@ -11,7 +11,7 @@ and ``label`` (and optionally ``id`` and masks, as :class:`~fame.data.SyntheticF
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import lightning as L
@@ -151,10 +151,6 @@ class FaceTrainingDataModule(L.LightningDataModule):
     random when ``flip`` is set, and drop the last incomplete batch. ``num_classes`` is, in order:
     the argument, the dataset's ``num_classes``, or one more than the largest label among the
     samples used (found by reading them all). ``pin_memory`` defaults to CUDA being available.
-
-    ``verification`` maps set names to pair datasets (e.g. ``{"lfw": PairsDataset.from_bin(...)}``):
-    when given, validation runs over those pairs, one dataloader per set in this order (at most
-    ``verification_limit`` pairs of each, spread over the set), instead of held-out identities.
     """
 
     def __init__(
@@ -168,8 +164,6 @@ class FaceTrainingDataModule(L.LightningDataModule):
         flip: bool = True,
         seed: int = 0,
         num_classes: Optional[int] = None,
-        verification: Optional[dict[str, Dataset]] = None,
-        verification_limit: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -178,14 +172,8 @@ class FaceTrainingDataModule(L.LightningDataModule):
         _check_limit(limit)
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
-        _check_limit(verification_limit)
-        self.save_hyperparameters(ignore=["dataset", "verification"])
+        self.save_hyperparameters(ignore=["dataset"])
         self.dataset = dataset
-        self.verification = dict(verification or {})
-        self.verification_sets = {
-            name: _PairSamples(pairs, spread_indices(len(pairs), verification_limit))
-            for name, pairs in self.verification.items()
-        }
         self.val_fraction = float(val_fraction)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -225,7 +213,7 @@ class FaceTrainingDataModule(L.LightningDataModule):
         self.train_set = _FaceSamples(self.dataset, [used[i] for i in train], flip=self.flip)
         self.val_set = _FaceSamples(self.dataset, [used[i] for i in val], flip=False)
 
-    def _loader(self, samples: Optional[Dataset], training: bool) -> DataLoader:
+    def _loader(self, samples: Optional[_FaceSamples], training: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("call setup() (the Trainer does) before asking for a dataloader")
         return DataLoader(
@@ -241,14 +229,7 @@ class FaceTrainingDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
 
-    @property
-    def verification_names(self) -> list[str]:
-        """Names of the verification sets, in the order of the validation dataloaders."""
-        return list(self.verification_sets)
-
     def val_dataloader(self) -> DataLoader | list:
-        if self.verification_sets:
-            return [self._loader(pairs, training=False) for pairs in self.verification_sets.values()]
         if self.val_set is not None and len(self.val_set) == 0:
             return []  # val_fraction=0: Lightning skips validation
         return self._loader(self.val_set, training=False)
@@ -304,3 +285,39 @@ class VerificationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+class FaceRecognitionDataModule(L.LightningDataModule):
+    """Identity training batches from a :class:`FaceTrainingDataModule` and one val
+    (and test) dataloader per named :class:`VerificationDataModule`, in the order of
+    ``verification`` (its keys are :attr:`val_sets`)."""
+
+    def __init__(self, training: FaceTrainingDataModule, verification: Mapping[str, VerificationDataModule]) -> None:
+        super().__init__()
+        if not verification:
+            raise ValueError("give at least one verification set: verification={name: VerificationDataModule}")
+        self.training = training
+        self.verification = dict(verification)
+
+    @property
+    def val_sets(self) -> list[str]:
+        return list(self.verification)
+
+    @property
+    def num_classes(self) -> int:
+        return self.training.num_classes
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.training.setup(stage)
+        for pairs in self.verification.values():
+            pairs.setup(stage)
+
+    def train_dataloader(self):
+        return self.training.train_dataloader()
+
+    def val_dataloader(self):
+        return [pairs.val_dataloader() for pairs in self.verification.values()]
+
+    def test_dataloader(self):
+        return [pairs.test_dataloader() for pairs in self.verification.values()]

@@ -1,7 +1,7 @@
 """LightningModules and callbacks that orchestrate the framework-free explainers."""
 
 from .classifier import ImageClassifier, build_classification_model
-from .face import FaceRecognitionDataModule, FaceRecognizer, load_face_recognizer
+from .face import FaceRecognizer, load_face_recognizer
 from .explain import (
     EmptyMapWarning,
     ExplainMethod,
@@ -11,11 +11,11 @@ from .explain import (
     MapWriter,
     MissingRows,
 )
+from .monitor import ExplanationMonitor
 
 __all__ = [
     "ImageClassifier",
     "build_classification_model",
-    "FaceRecognitionDataModule",
     "FaceRecognizer",
     "load_face_recognizer",
     "EmptyMapWarning",
@@ -25,4 +25,5 @@ __all__ = [
     "Indexed",
     "MapWriter",
     "MissingRows",
+    "ExplanationMonitor",
 ]

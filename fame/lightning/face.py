@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from ..data.face_modules import PAIR_KEYS, FaceTrainingDataModule, VerificationDataModule
+from ..data.face_modules import PAIR_KEYS
 from ..metrics.verification import verification_report
 from ..models.export import export_onnx, export_state_dict
 from ..models.face import FaceEmbedder, build_face_model
@@ -130,7 +130,7 @@ class FaceRecognizer(L.LightningModule):
             None turns it off. The Trainer's ``gradient_clip_val``, if set, applies in addition to
             every parameter.
         val_sets: names of the verification sets, in the order of the val (and test) dataloaders;
-            None takes ``val_sets`` of the Trainer's datamodule (:class:`FaceRecognitionDataModule`).
+            None takes ``val_sets`` of the Trainer's datamodule (:class:`~fame.data.FaceRecognitionDataModule`).
         folds: folds of the k-fold accuracy; ``far``: the false accept rate of ``tar_at_far``.
 
     ``self.embedder`` is the :class:`~fame.models.FaceEmbedder` ([0, 1] RGB in, embeddings out),
@@ -358,39 +358,3 @@ def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[s
     backbone = dict(hyper_parameters.get("backbone") or {})
     backbone.pop("checkpoint", None)
     return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True, backbone=backbone)
-
-
-class FaceRecognitionDataModule(L.LightningDataModule):
-    """Identity training batches from a :class:`~fame.data.FaceTrainingDataModule` and one val
-    (and test) dataloader per named :class:`~fame.data.VerificationDataModule`, in the order of
-    ``verification`` (its keys are :attr:`val_sets`)."""
-
-    def __init__(self, training: FaceTrainingDataModule, verification: Mapping[str, VerificationDataModule]) -> None:
-        super().__init__()
-        if not verification:
-            raise ValueError("give at least one verification set: verification={name: VerificationDataModule}")
-        self.training = training
-        self.verification = dict(verification)
-
-    @property
-    def val_sets(self) -> List[str]:
-        return list(self.verification)
-
-    @property
-    def num_classes(self) -> int:
-        return self.training.num_classes
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if stage in (None, "fit"):
-            self.training.setup(stage)
-        for pairs in self.verification.values():
-            pairs.setup(stage)
-
-    def train_dataloader(self):
-        return self.training.train_dataloader()
-
-    def val_dataloader(self):
-        return [pairs.val_dataloader() for pairs in self.verification.values()]
-
-    def test_dataloader(self):
-        return [pairs.test_dataloader() for pairs in self.verification.values()]

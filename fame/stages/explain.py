@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
 from ..data.modules import collate_items, limited
 from ..explain.registry import get_method, method_names
+from ..lightning.face import FaceRecognizer, load_face_recognizer
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..provenance import checkpoint_digest, environment
 from ..store import MapStore
@@ -37,6 +38,7 @@ EXPLAIN_SCHEMA = {
     "split": Rule(str, choices=("train", "val", "test")),
     "target": Rule(str, choices=("label", "prediction"), help="the class a classification map explains"),
     "new_group": Rule(bool),
+    "input_space": Rule(str, choices=("pixels", "normalized"), help="normalized needs a model with normalize/net"),
     "data.task": Rule(str, choices=TASKS),
 }
 
@@ -53,6 +55,9 @@ def check_explain_config(config: DictConfig) -> None:
             raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
         if method == "fame":
             check_fame_options(method_options(options), f"explainer.{name}")
+    if config.input_space == "normalized" and task != "classification":
+        raise ConfigError("input_space=normalized applies to classifiers; face models normalize inside and are "
+                          "perturbed in [0, 1] pixels")
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
         raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
                           "checkpoint=null to explain the model built from the model config")
@@ -89,18 +94,26 @@ def explained_model(config: DictConfig) -> nn.Module:
     if config.checkpoint is None:
         return instantiate(config.model, "model").eval()
     module_class = get_class(config.module._target_)
-    module = module_class.load_from_checkpoint(config.checkpoint, map_location="cpu", weights_only=True)
+    if module_class is FaceRecognizer:  # without re-reading the backbone file it started from
+        module = load_face_recognizer(config.checkpoint)
+    else:
+        module = module_class.load_from_checkpoint(config.checkpoint, map_location="cpu", weights_only=True)
     network = module.embedder if config.data.task == "verification" else module.model
     return network.eval()
 
 
-def classification_compute(method, options: Dict[str, Any], target: str):
+def classification_compute(method, options: Dict[str, Any], target: str, input_space: str):
+    """``input_space="normalized"`` perturbs the mean/std-normalized tensor (the paper's ImageNet
+    setting) through the wrapper's ``normalize`` and ``net``; "pixels" perturbs [0, 1] images."""
+
     def compute(model: nn.Module, batch: Dict[str, Any]):
         images = batch["image"]
         targets = torch.as_tensor(batch["label"], device=images.device)
         if target == "prediction":
             with torch.no_grad():
                 targets = model(images).argmax(dim=1)
+        if input_space == "normalized":
+            images, model = model.normalize(images), model.net
         return method(model, images, targets, ids=list(batch["id"]), **options)
 
     return compute
@@ -150,10 +163,11 @@ def explain(config: DictConfig) -> MapStore:
     for name, options in config.explainer.items():
         function = get_method((options or {}).get("name", name), task)
         kwargs = method_options(options)
-        settings = {"method": plain(options), "target": config.target, **model_identity}
+        settings = {"method": plain(options), "target": config.target, "input_space": config.input_space,
+                    **model_identity}
         stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
                                          new_group=config.new_group, provenance=provenance)
-        compute = (classification_compute(function, kwargs, config.target) if task == "classification"
+        compute = (classification_compute(function, kwargs, config.target, config.input_space) if task == "classification"
                    else verification_compute(function, kwargs))
         methods.append(ExplainMethod(stored_name, compute))
     rows = MissingRows(dataset, store, [method.name for method in methods])

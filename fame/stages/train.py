@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -16,7 +17,7 @@ from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
-NOT_TRAINING = ("paths", "logger", "resume", "run_root", "run_dir", "checkpoint", "callbacks",
+NOT_TRAINING = ("paths", "logger", "resume", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
 TRAIN_SCHEMA = {
@@ -77,10 +78,25 @@ def choose_run(config: DictConfig) -> Tuple[Path, Optional[str]]:
     runs = sorted(root.glob(f"{digest}*"), key=lambda p: (len(p.name), p.name))
     runs = [p for p in runs if p.name == digest or p.name.startswith(f"{digest}-")]
     if config.resume == "auto" and runs and not (runs[-1] / FINISHED).exists():
-        last = runs[-1] / "last.ckpt"
-        return runs[-1], (str(last) if last.exists() else None)
+        return runs[-1], readable_checkpoint(runs[-1])
     name = digest if not runs else f"{digest}-{len(runs) + 1}"
     return root / name, None
+
+
+def readable_checkpoint(run_dir: Path) -> Optional[str]:
+    """The run's ``last.ckpt``, or its newest other checkpoint when a kill truncated ``last.ckpt``
+    mid-write (torch.save files are zip archives: a truncated one has no central directory)."""
+    candidates = [run_dir / "last.ckpt"] + sorted(
+        (p for p in run_dir.glob("*.ckpt") if p.name not in ("last.ckpt", "model.ckpt")),
+        key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                zipfile.ZipFile(candidate).close()
+                return str(candidate)
+            except zipfile.BadZipFile:
+                print(f"skipping the unreadable checkpoint {candidate} (a kill interrupted its writing)")
+    return None
 
 
 def build_callbacks(config: DictConfig):

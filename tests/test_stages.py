@@ -1,0 +1,185 @@
+"""The three stages on the real configs, composed with tiny limits, on CPU."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fame.config import ConfigError
+from fame.stages import evaluate, explain, train
+from fame.store import MapStore, StoreMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+QUICK_TRAIN = ("limit=64", "trainer.max_epochs=1", "data.datamodule.batch_size=32", "trainer.enable_progress_bar=false")
+QUICK_EXPLAIN = ("limit=6", "batch_size=4", "explainer.fame.iterations=3", "trainer.enable_progress_bar=false")
+
+
+def config(name, output_dir, *overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name=name, overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("outputs")
+    metrics = train(config("train", output, *QUICK_TRAIN))
+    return output, metrics
+
+
+def test_train_writes_checkpoint_csv_and_offline_wandb_run(trained):
+    output, metrics = trained
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and "val/acc_top5" in metrics
+    checkpoint = torch.load(output / "train" / "model.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["_target_"] == "fame.models.SmallCNN"
+    (run,) = (output / "train" / "runs").iterdir()
+    assert (run / "FINISHED").exists() and (run / "last.ckpt").exists()
+    assert "val/acc" in pd.read_csv(run / "csv" / "metrics.csv").columns
+    runs = list((output / "wandb").glob("offline-run-*"))
+    assert runs and any(run.glob("*.wandb") for run in runs)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("explainer.fame.step_size=abc", "explainer.fame.step_size"),
+    ("batch_size=0", "batch_size"),
+    ("target=predicted", "target"),
+    ("explainer.fame.normalization=sum", "normalization"),
+])
+def test_explain_config_errors_name_the_key(trained, override, key):
+    output, _ = trained
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        explain(config("explain", output, override))
+
+
+def test_train_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        train(config("train", tmp_path, "trainer.max_epochs=abc"))
+    with pytest.raises(ConfigError, match="module.optimizer"):
+        train(config("train", tmp_path, "module.optimizer=adam"))
+
+
+def test_a_finished_run_is_not_resumed_by_another_configuration(trained, capsys):
+    output, _ = trained
+    runs = output / "train" / "runs"
+    before = set(runs.iterdir())
+    train(config("train", output, *QUICK_TRAIN, "seed=1", "logger.enabled=false"))  # another seed: a new run
+    assert "training in" in capsys.readouterr().out
+    train(config("train", output, *QUICK_TRAIN, "logger.enabled=false"))  # same config, finished: a fresh run too
+    after = set(runs.iterdir())
+    assert len(after - before) == 2 and all((run / "FINISHED").exists() for run in after)
+
+
+def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
+    output, _ = trained
+    partial = explain(config("explain", output, *QUICK_EXPLAIN, "explainer=[fame]", "experiment=shapes"))
+    first = partial.read("fame")
+    store = explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes"))  # only gradcam and random run
+    assert store.methods == ["fame", "gradcam", "random"]
+    assert (store.read("fame") == first).all()
+    for method in store.methods:
+        maps = store.read(method)
+        assert maps.shape == (6, 64, 64) and maps.min() >= 0 and maps.max() <= 1
+
+    with pytest.raises(StoreMismatch, match="iterations"):
+        explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer.fame.iterations=4"))
+    store = explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer=[fame]",
+                           "explainer.fame.iterations=4", "new_group=true"))
+    assert "fame@2" in store.methods
+
+    scores = evaluate(config("evaluate", output, "grid_rows=2", "logger.enabled=false", "methods=[fame,gradcam,random]",
+                             "road.percentages=[0,50,100]", "deletion.fractions=[0,0.5,1]", "bootstrap.resamples=50"))
+    assert set(scores["method"]) <= {"fame", "gradcam", "random"}
+    assert {"pointing_game", "relevance_mass", "road_morf_zero_logit_drop", "road_lerf_linear_accuracy",
+            "deletion_auc", "insertion_auc", "pr_auc"} <= set(scores["metric"])
+    report = output / "evaluate"
+    assert {"method", "metric", "level", "value", "sample_id"} <= set(pd.read_csv(report / "scores.csv").columns)
+    assert "gradcam" in (report / "metrics.md").read_text()
+    assert (report / "overlays.png").stat().st_size > 1000 and (report / "curves_road_morf.png").exists()
+
+
+def test_evaluate_names_methods_missing_from_the_store(trained):
+    output, _ = trained
+    explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer=[random]",
+                   f"store={output}/partial.zarr"))
+    with pytest.warns(UserWarning, match="missing methods.*fame"):
+        evaluate(config("evaluate", output, f"store={output}/partial.zarr", "methods=[fame,random]",
+                        "logger.enabled=false", "families=[localization]", "grid_rows=0",
+                        f"output_dir={output}/partial_report", "bootstrap.resamples=20"))
+    assert "fame" in (output / "partial_report" / "metrics.md").read_text()
+
+
+def _run(script, *overrides, **popen):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):
+    overrides = [f"paths.output_dir={tmp_path}", "limit=192", "data.datamodule.batch_size=32", "trainer.max_epochs=2",
+                 "trainer.enable_progress_bar=false", "logger.enabled=false"]
+    process = _run("train.py", *overrides)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "train" / "runs").glob("*/last.ckpt")):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    time.sleep(0.2)  # let the checkpoint finish writing (a truncated one is skipped: test_train_skips_a_truncated...)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    assert not (run / "FINISHED").exists()
+    epoch = torch.load(run / "last.ckpt", weights_only=True)["epoch"]
+    assert epoch == 0
+    resumed = _run("train.py", *overrides)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resuming the unfinished run {run}" in out
+    assert (run / "FINISHED").exists() and len(list((tmp_path / "train" / "runs").iterdir())) == 1
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_train_skips_a_truncated_checkpoint(tmp_path):
+    from fame.stages.train import readable_checkpoint
+
+    good = tmp_path / "epoch=0-step=6.ckpt"
+    torch.save({"epoch": 0}, good)
+    (tmp_path / "last.ckpt").write_bytes(good.read_bytes()[:-40])
+    assert readable_checkpoint(tmp_path) == str(good)
+    torch.save({"epoch": 1}, tmp_path / "last.ckpt")
+    assert readable_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_explain_cli_on_two_cpu_processes_equals_one(trained, tmp_path):
+    """python explain.py trainer=cpu_ddp: two gloo processes write the maps of one, each id once."""
+    output, _ = trained
+    common = [f"paths.output_dir={output}", "experiment=shapes", "limit=7", "batch_size=2", "explainer=[fame,random]",
+              "explainer.fame.iterations=3", "trainer.enable_progress_bar=false"]
+    single = _run("explain.py", *common, f"store={tmp_path}/one.zarr")
+    double = _run("explain.py", *common, f"store={tmp_path}/two.zarr", "trainer=cpu_ddp")
+    for process in (single, double):
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, out
+    one, two = MapStore(tmp_path / "one.zarr"), MapStore(tmp_path / "two.zarr")
+    assert sorted(two.ids) == sorted(one.ids) and len(set(two.ids)) == 7
+    for method in ("fame", "random"):
+        assert (one.read(method, one.ids) == two.read(method, one.ids)).all()
+
+
+@pytest.mark.slow
+def test_full_demo_beats_the_random_floor(tmp_path):
+    """The demo's own settings: FAME and Grad-CAM must clearly beat random maps (a few minutes on CPU)."""
+    metrics = train(config("train", tmp_path, "logger.enabled=false"))
+    assert metrics["val/acc"] > 0.9
+    explain(config("explain", tmp_path, "experiment=shapes"))
+    scores = evaluate(config("evaluate", tmp_path, "logger.enabled=false", "families=[localization]"))
+    means = scores[scores["metric"].isin(["pointing_game", "relevance_mass"])].groupby(["method", "metric"])["value"].mean()
+    for method in ("fame", "gradcam"):
+        assert means[(method, "pointing_game")] > means[("random", "pointing_game")] + 0.3
+        assert means[(method, "relevance_mass")] > 1.5 * means[("random", "relevance_mass")]
