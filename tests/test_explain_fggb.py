@@ -25,7 +25,7 @@ def test_fggb_equals_literal_per_dimension_loop():
     references = torch.cat([images[:1] + 0.05 * torch.rand(1, 3, 12, 12, generator=generator(3), dtype=torch.float64),
                             torch.rand(1, 3, 12, 12, generator=generator(2), dtype=torch.float64)])
     for threshold in (0.3, 0.9):
-        maps = fggb_maps(model, images, references, threshold=threshold, blur_kernel=5, blur_sigma=1.0, dims_per_pass=3)
+        maps = fggb_maps(model, images, references, threshold=threshold, blur_kernel=5, blur_sigma=1.0, batch_size=5)
         similar, dissimilar = literal_fggb(model, images, references, threshold, 5, 1.0)
         np.testing.assert_allclose(maps["similar"][:, 0].numpy(), similar, atol=1e-10)
         np.testing.assert_allclose(maps["dissimilar"][:, 0].numpy(), dissimilar, atol=1e-10)
@@ -39,7 +39,7 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
     with torch.inference_mode():
         batched = fggb_maps(model, images, references, threshold=0.9, blur_kernel=3, blur_sigma=1.0)
     for b in range(3):
-        single = fggb_maps(model, images[b : b + 1], references[b : b + 1], threshold=0.9, blur_kernel=3, blur_sigma=1.0, dims_per_pass=1)
+        single = fggb_maps(model, images[b : b + 1], references[b : b + 1], threshold=0.9, blur_kernel=3, blur_sigma=1.0, batch_size=1)
         for key in ("similar", "dissimilar"):
             torch.testing.assert_close(batched[key][b : b + 1], single[key], atol=1e-5, rtol=1e-5)
     assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())

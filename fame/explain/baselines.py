@@ -10,7 +10,7 @@ input's device.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +93,13 @@ def sample_seed(sample_id: str, seed: int = 0) -> int:
     return zlib.crc32(f"{int(seed)}:{sample_id}".encode("utf-8"))
 
 
-def random_maps(images: Tensor, ids: Optional[Sequence[str]] = None, seed: int = 0) -> Tensor:
+def random_maps(images: Tensor, ids: Sequence[str], seed: int = 0) -> Tensor:
     """Uniform noise in [0, 1], drawn per sample from ``sample_seed(id, seed)``: the floor any
     method must beat. A map depends only on its sample's id and the seed, never on the batch it
-    came in; ``ids`` default to the positions in the batch ("0", "1", ...)."""
+    came in or on a resume."""
     check_images(images)
     batch, _, height, width = images.shape
-    ids = [str(index) for index in range(batch)] if ids is None else list(ids)
+    ids = list(ids)
     if len(ids) != batch:
         raise ValueError(f"ids must hold one sample id per image ({batch}), got {len(ids)}")
     maps = [
@@ -130,27 +130,11 @@ def sobel_maps(images: Tensor) -> Tensor:
     return normalize_maps(gradients.pow(2).sum(dim=1, keepdim=True).sqrt(), "minmax")
 
 
-FLOORS: Dict[str, Callable[..., Tensor]] = {
-    "random": random_maps,
-    "centre": centre_gaussian_maps,
-    "sobel": sobel_maps,
-}
-
-
-def floor_maps(name: str, images: Tensor, **options) -> Tensor:
-    """One of the model-free floors by name: "random", "centre" or "sobel"."""
-    if name not in FLOORS:
-        raise ValueError(f"unknown floor {name!r}; choose one of {', '.join(FLOORS)}")
-    return FLOORS[name](images, **options)
-
-
 __all__: List[str] = [
     "CAM_METHODS",
-    "FLOORS",
     "CosineSimilarityTarget",
     "cam_maps",
     "centre_gaussian_maps",
-    "floor_maps",
     "random_maps",
     "sample_seed",
     "sobel_maps",

@@ -12,8 +12,9 @@ and r = phi_ref / ||phi_ref|| the frozen reference:
 Summed over k the weights give cos - theta: a pair above the threshold leans to e+, one below it
 to e-. The positive and negative parts are split first and each is blurred (Gaussian, kernel 25,
 sigma 5 at 112 px; torchvision semantics), then normalized per map ("max" by default, as for
-CorrRISE; "minmax" is available). The D gradients come from one forward pass and a vectorized
-backward (``is_grads_batched``, torch.func.vmap underneath), ``dims_per_pass`` dimensions at a time.
+CorrRISE; "minmax" is available). The D gradients are batched by running K copies of each image
+and backpropagating a different dimension from each copy (on CPU 2x faster than a loop over D
+and 5x faster than a vmapped backward, ``is_grads_batched``, measured on the small IResNet).
 """
 
 from __future__ import annotations
@@ -44,31 +45,34 @@ def fggb_blur(size: Tuple[int, int]) -> Tuple[int, float]:
 
 
 def weighted_gradient_sum(
-    model: nn.Module, images: Tensor, reference: Tensor, threshold: float, dims_per_pass: int = 64
+    model: nn.Module, images: Tensor, reference: Tensor, threshold: float, batch_size: int = 256
 ) -> Tensor:
     """S = sum_k (v_k - theta / D) G_k, shape (B, 1, H, W), for L2-normalized references (B, D).
 
-    The maps G_k of ``dims_per_pass`` dimensions are made and summed at a time, so memory grows
-    with that number, not with D. The caller guards the model (eval mode, frozen parameters).
+    Each pass runs K = batch_size // B copies of every image and backpropagates dimension
+    start + j from copy j, so one backward gives K gradient maps per image; the maps are summed
+    as they come, so memory grows with ``batch_size``, not with D. Exact because the model runs
+    in eval mode (samples do not interact). The caller guards the model.
     """
-    inputs = images.detach().clone().requires_grad_(True)
-    embeddings = F.normalize(model(inputs), dim=1)
-    batch, dims = embeddings.shape
+    batch = images.shape[0]
+    with torch.no_grad():
+        embeddings = F.normalize(model(images), dim=1)
     if reference.shape != embeddings.shape:
         raise ValueError(f"the reference embeddings have shape {tuple(reference.shape)}, the images' {tuple(embeddings.shape)}")
-    weights = embeddings.detach() * reference - threshold / dims
-    basis = torch.eye(dims, device=embeddings.device, dtype=embeddings.dtype)
+    dims = embeddings.shape[1]
+    weights = embeddings * reference.to(embeddings.dtype) - threshold / dims
+    dims_per_pass = max(1, int(batch_size) // batch)
     combined = torch.zeros(batch, *images.shape[-2:], device=images.device, dtype=images.dtype)
     for start in range(0, dims, dims_per_pass):
-        selected = basis[start : start + dims_per_pass]
-        (gradients,) = torch.autograd.grad(
-            embeddings, inputs, grad_outputs=selected[:, None, :].expand(-1, batch, -1),
-            is_grads_batched=True, retain_graph=True,
-        )
-        maps = gradients.abs().mean(dim=2)  # (k, B, H, W)
+        count = min(dims_per_pass, dims - start)
+        copies = images.repeat_interleave(count, dim=0).requires_grad_(True)
+        copy_embeddings = F.normalize(model(copies), dim=1).view(batch, count, dims)
+        chosen = torch.arange(count, device=images.device)
+        (gradients,) = torch.autograd.grad(copy_embeddings[:, chosen, start + chosen].sum(), copies)
+        maps = gradients.view(batch, count, *images.shape[1:]).abs().mean(dim=2)  # (B, K, H, W)
         norms = maps.flatten(2).norm(dim=2)[..., None, None]
         maps = maps / torch.where(norms > 0, norms, torch.ones_like(norms))
-        combined += torch.einsum("kbhw,bk->bhw", maps, weights[:, start : start + dims_per_pass])
+        combined += torch.einsum("bkhw,bk->bhw", maps, weights[:, start : start + count].to(maps.dtype))
     return combined.unsqueeze(1)
 
 
@@ -80,26 +84,27 @@ def fggb_maps(
     blur_kernel: Optional[int] = None,
     blur_sigma: Optional[float] = None,
     normalization: str = "max",
-    dims_per_pass: int = 64,
+    batch_size: int = 256,
 ) -> Dict[str, Tensor]:
     """FGGB maps {"similar": e+, "dissimilar": e-}, each (B, 1, H, W) in [0, 1].
 
     ``references`` are the other images of the pairs, one per image (embeddings frozen);
     ``threshold`` is theta; ``blur_kernel`` / ``blur_sigma`` None scale the paper's 25 / 5 at
-    112 px to the image size (:func:`fggb_blur`); ``blur_kernel=0`` skips the blur.
+    112 px to the image size (:func:`fggb_blur`); ``blur_kernel=0`` skips the blur;
+    ``batch_size`` image copies go through the model per pass.
     """
     check_images(images)
     check_images(references, "references")
     if references.shape[0] != images.shape[0]:
         raise ValueError(f"references must hold one image per image ({images.shape[0]}), got {references.shape[0]}")
-    if int(dims_per_pass) < 1:
-        raise ValueError(f"dims_per_pass must be a positive integer, got {dims_per_pass}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     default_kernel, default_sigma = fggb_blur(tuple(images.shape[-2:]))
     kernel = default_kernel if blur_kernel is None else (int(blur_kernel) or None)
     sigma = default_sigma if blur_sigma is None else float(blur_sigma)
     with explaining(model):
         reference = F.normalize(embed(model, references.detach().clone()), dim=1)
-        combined = weighted_gradient_sum(model, images, reference, float(threshold), int(dims_per_pass))
+        combined = weighted_gradient_sum(model, images.detach().clone(), reference, float(threshold), int(batch_size))
     return {
         "similar": normalize_maps(blur_maps(combined.clamp(min=0), kernel, sigma), normalization),
         "dissimilar": normalize_maps(blur_maps((-combined).clamp(min=0), kernel, sigma), normalization),

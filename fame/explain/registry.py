@@ -211,11 +211,11 @@ def corrrise_verification(
 @register_method("fggb", "verification")
 def fggb_verification(
     model, images, references, *, ids, threshold: float = DEFAULT_THRESHOLD, blur_kernel: Optional[int] = None,
-    blur_sigma: Optional[float] = None, normalization: str = "max", dims_per_pass: int = 64,
+    blur_sigma: Optional[float] = None, normalization: str = "max", batch_size: int = 256,
 ) -> MethodResult:
     """FGGB (Lu et al., FG 2024); ``threshold`` is the model's EER threshold theta."""
     return MethodResult(fggb_maps(model, images, references, threshold, blur_kernel, blur_sigma, normalization,
-                                  dims_per_pass))
+                                  batch_size))
 
 
 # --- floors (both tasks) ----------------------------------------------------------------------
