@@ -11,6 +11,7 @@ from fame.metrics.faithfulness import (
     pixel_ranks,
     remove_top_pixels,
     rise_blur,
+    verification_curve,
 )
 
 
@@ -106,3 +107,38 @@ def test_curve_auc_is_normalized_trapezoid():
     torch.testing.assert_close(curve_auc(curves, [0, 50, 100]), torch.tensor([1.0, 0.25, 0.5]))
     with pytest.raises(ValueError, match="len\\(fractions\\)"):
         curve_auc(curves, [0.0, 1.0])
+
+
+class RegionEmbedder(nn.Module):
+    """Two-dimensional embedding: the mean of the pixels inside ``region`` and outside it."""
+
+    def __init__(self, region: torch.Tensor):
+        super().__init__()
+        self.register_buffer("region", region.float())
+
+    def forward(self, images):
+        inside = (images * self.region).flatten(1).sum(1)
+        outside = (images * (1 - self.region)).flatten(1).sum(1)
+        return torch.stack([inside, outside], dim=1)
+
+
+def test_verification_curve_on_region_embedder():
+    region, _ = region_toy()  # a quarter of a 10 x 10 image
+    embedder = RegionEmbedder(region).eval()
+    in_region, out_region = region.expand(1, 3, 10, 10), (1 - region).expand(1, 3, 10, 10)
+    # pairs 0, 1 genuine (probe = gallery, content in the region); pairs 2, 3 impostors (gallery outside)
+    galleries = torch.cat([in_region, in_region, out_region, out_region])
+    probes = in_region.repeat(4, 1, 1, 1)
+    same = torch.tensor([True, True, False, False])
+    maps = region.repeat(4, 1, 1, 1)  # the perfect e+ map
+    deletion = verification_curve(embedder, galleries, probes, same, maps)
+    assert deletion.threshold == pytest.approx(1.0)  # clean genuine 1, impostors 0
+    # genuine pairs survive while any region pixel is left (P < 25 %), impostors stay rejected
+    assert deletion.accuracy.tolist() == [1.0, 1.0, 1.0] + [0.5] * 8
+    assert deletion.auc == pytest.approx(100 * (0.5 + 0.5 * 2.5 / 10))
+    insertion = verification_curve(embedder, galleries, probes, same, maps, mode="insertion", batch_size=3)
+    assert insertion.accuracy.tolist() == [0.5] + [1.0] * 10
+    assert insertion.auc == pytest.approx(100 * (1 - 0.5 * 0.5 / 10))
+    assert insertion.scores.shape == insertion.correct.shape == (4, 11)
+    fixed = verification_curve(embedder, galleries, probes, same, maps, threshold=-1.0)
+    assert fixed.accuracy.tolist() == [0.5] * 11  # everything accepted

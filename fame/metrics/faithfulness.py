@@ -9,15 +9,19 @@ Pixel order is a stable ranking of the map: most relevant first sorts descending
 first ascending, and tied values keep raster order in both. At a fraction f of N pixels the
 ``round(f * N)`` (halves rounded up) first-ranked pixels are affected.
 
+``verification_curve`` applies the same removal to face verification (the FAME paper's Tab. 2).
+
 Every function is batched and runs on the device of its inputs. Pass a model in eval mode: with
 batch-dependent layers (BatchNorm in training mode) no metric can be independent of batch size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
@@ -179,3 +183,79 @@ def curve_auc(curve: Tensor, fractions: Union[Tensor, Sequence[float]]) -> Tenso
         raise ValueError(f"fractions must increase, got {fractions.tolist()}")
     area = torch.trapezoid(curve.double(), fractions, dim=-1) / span
     return area.to(curve.dtype if curve.is_floating_point() else torch.float32)
+
+
+@dataclass
+class VerificationCurve:
+    """Face verification under probe deletion / insertion (the paper's Tab. 2)."""
+
+    percentages: Tensor  # (P,) share of probe pixels removed (deletion) or kept (insertion), in %
+    scores: Tensor  # (N, P) cosine similarity of gallery and perturbed probe
+    correct: Tensor  # (N, P) 1.0 where (score >= threshold) matches the pair label
+    accuracy: Tensor  # (P,) verification accuracy per percentage
+    auc: float  # normalized trapezoid area under the accuracy curve, x100
+    threshold: float  # the fixed decision threshold
+
+
+def _cosine_embeddings(embedder: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    return F.normalize(embedder(images).float(), dim=1)
+
+
+def verification_curve(
+    embedder: Callable[[Tensor], Tensor],
+    galleries: Tensor,
+    probes: Tensor,
+    same: Tensor,
+    maps: Tensor,
+    threshold: Optional[float] = None,
+    percentages: Union[Sequence[float], Tensor] = tuple(range(0, 101, 10)),
+    mode: str = "deletion",
+    fill: Union[float, Tensor] = 0.0,
+    batch_size: Optional[int] = None,
+) -> VerificationCurve:
+    """Verification accuracy at a fixed threshold as the top P % of the probe's e+ map is removed / kept.
+
+    ``galleries`` and ``probes`` (N, 3, H, W) form N pairs, ``same`` (N,) marks genuine pairs and
+    ``maps`` (N, 1, H, W) are the probes' e+ (similarity) maps. Only the probe is perturbed:
+    ``mode="deletion"`` sets its top P % pixels (stable map order) to ``fill``, ``"insertion"``
+    keeps only them (the rest set to ``fill``). A pair is accepted when the cosine similarity of
+    the L2-normalised embeddings is >= ``threshold``; by default the threshold is the EER
+    threshold of the clean scores (``fame.metrics.verification.eer_threshold``, candidates swept
+    from high to low, ties to the largest). Lower deletion AUC and higher insertion AUC are better.
+    """
+    from .verification import eer_threshold
+
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if galleries.shape != probes.shape:
+        raise ValueError(f"galleries and probes must have the same shape, got {tuple(galleries.shape)} and {tuple(probes.shape)}")
+    maps = _check_maps(probes, maps)
+    same = same.to(probes.device).bool().view(-1)
+    chunk = probes.shape[0] if batch_size is None else int(batch_size)
+    with torch.no_grad():
+        gallery_embeddings = torch.cat([_cosine_embeddings(embedder, part) for part in galleries.split(chunk)])
+    if threshold is None:
+        clean = torch.cat([_cosine_embeddings(embedder, part) for part in probes.split(chunk)])
+        threshold, _ = eer_threshold((clean * gallery_embeddings).sum(dim=1), same)
+    fractions = torch.as_tensor(percentages, dtype=torch.float64) / 100
+    ranks = pixel_ranks(maps, most_relevant_first=True)
+    counts = pixel_counts(fractions, ranks[0].numel(), probes.device)
+    fill = torch.as_tensor(fill, dtype=probes.dtype, device=probes.device).expand_as(probes)
+
+    def make_inputs(levels: Tensor, samples: Tensor) -> Tensor:
+        top = ranks[samples] < counts[levels].view(-1, 1, 1, 1)
+        keep = ~top if mode == "deletion" else top
+        return torch.where(keep, probes[samples], fill[samples])
+
+    embeddings = F.normalize(evaluate_levels(embedder, probes, counts.numel(), make_inputs, batch_size).float(), dim=2)
+    scores = (embeddings * gallery_embeddings.unsqueeze(0)).sum(dim=2).t()  # (N, P)
+    correct = ((scores.double() >= threshold) == same.view(-1, 1)).float()
+    accuracy = correct.mean(dim=0)
+    return VerificationCurve(
+        percentages=torch.as_tensor(percentages, dtype=torch.float32),
+        scores=scores,
+        correct=correct,
+        accuracy=accuracy,
+        auc=float(curve_auc(accuracy.unsqueeze(0), fractions)[0]) * 100,
+        threshold=float(threshold),
+    )
