@@ -6,7 +6,8 @@ It writes FAME (few steps, epsilon -0.2 so some samples take no step) and the ra
 deterministic dataset with a float64 TinyClassifier (float64 keeps maps independent of how rows
 are batched, so runs split differently must agree exactly). ``--trace`` appends "<method> <id>"
 per computed sample to ``FILE.<pid>``; ``--delay`` sleeps after each method's batch.
-``create_and_write`` is what the processes of the concurrent-creation test run.
+``explain_after_fork`` is the process the kill -9 test kills; ``create_and_write`` is what the
+processes of the concurrent-creation test run.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def explain(store_path, samples: int, batch_size: int, devices: int = 1, strateg
     module = ExplainModule(TinyClassifier(seed=0).double(), entries, store.path)
     trainer.predict(module, DataLoader(rows, batch_size=batch_size), return_predictions=False)
     return store
+
+
+def explain_after_fork(*arguments, **options) -> None:
+    """``explain`` in a process forked from one that already ran torch ops: with one intra-op
+    thread, since the parent's OpenMP thread pool does not survive the fork (it would hang)."""
+    torch.set_num_threads(1)
+    explain(*arguments, **options)
 
 
 def create_and_write(store_path, samples: int, row: int, barrier) -> None:

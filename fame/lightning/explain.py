@@ -309,7 +309,8 @@ class ExplainProgressBar(TQDMProgressBar):
             return
         loaders = trainer.predict_dataloaders
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        self.predict_progress_bar.reset(total=len(loader.sampler))  # this rank's share of the rows
+        sampler = getattr(loader.batch_sampler, "sampler", None)  # under DDP, this rank's share of the rows
+        self.predict_progress_bar.reset(total=len(sampler if sampler is not None else loader.sampler))
         self.predict_progress_bar.set_description(self.predict_description)
         self._samples_done = 0
 
