@@ -46,3 +46,44 @@ __all__ += [
     "ten_fold_accuracy",
     "verification_report",
 ]
+
+from .faithfulness import (  # noqa: E402  (deletion / insertion, RISE protocol)
+    DEFAULT_FRACTIONS,
+    VerificationCurve,
+    curve_auc,
+    deletion_curve,
+    pixel_ranks,
+    remove_top_pixels,
+    rise_blur,
+    top_pixel_mask,
+    verification_curve,
+)
+from .road import RoadCurves, noisy_linear_impute, road_curve, solve_linear_imputation  # noqa: E402
+from .sanity import (  # noqa: E402  (Adebayo et al. 2018)
+    RandomizationResult,
+    cascading_randomization,
+    parameterized_layers,
+    spearman_correlation,
+    structural_similarity_batch,
+)
+
+__all__ += [
+    "DEFAULT_FRACTIONS",
+    "VerificationCurve",
+    "curve_auc",
+    "deletion_curve",
+    "pixel_ranks",
+    "remove_top_pixels",
+    "rise_blur",
+    "top_pixel_mask",
+    "verification_curve",
+    "RoadCurves",
+    "noisy_linear_impute",
+    "road_curve",
+    "solve_linear_imputation",
+    "RandomizationResult",
+    "cascading_randomization",
+    "parameterized_layers",
+    "spearman_correlation",
+    "structural_similarity_batch",
+]
