@@ -17,12 +17,12 @@ from nets import TinyClassifier, TinyEmbedder
 
 CAMS = ["fullgrad", "gradcam", "gradcam_elementwise", "hirescam", "scorecam"]
 FAME_OPTIONS = dict(iterations=3, blur_kernel=3, blur_sigma=1.0)
-CLASSIFICATION_OPTIONS = {"fame": FAME_OPTIONS, "rise": dict(masks=8, grid_size=3), **{cam: dict(layer="features.3") for cam in CAMS}}
+CLASSIFICATION_OPTIONS = {"fame": FAME_OPTIONS, "rise": dict(masks=8, grid_size=3), **{cam: dict(layer="features.3") for cam in CAMS if cam != "fullgrad"}}
 VERIFICATION_OPTIONS = {
     "fame": FAME_OPTIONS,
     "corrrise": dict(masks=10, patch_size=3),
     "fggb": dict(blur_kernel=3, blur_sigma=1.0),
-    **{cam: dict(layer="body.2") for cam in CAMS},
+    **{cam: dict(layer="body.2") for cam in CAMS if cam != "fullgrad"},
 }
 
 
@@ -31,6 +31,8 @@ def test_the_contracted_methods_are_registered():
         ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "rise", "random", "centre", "sobel"])
     assert method_names("verification") == sorted(
         ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "corrrise", "fggb", "random", "centre", "sobel"])
+    assert get_method("fggb", "verification").options == ["threshold", "blur_kernel", "blur_sigma", "normalization", "batch_size"]
+    assert get_method("fullgrad", "classification").options == [] and get_method("gradcam", "verification").options == ["layer"]
 
 
 def snapshot(model):

@@ -10,7 +10,7 @@ input's device.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class CosineSimilarityTarget:
 
 def cam_maps(
     model: nn.Module,
-    layer: nn.Module,
+    layer: Optional[nn.Module],
     images: Tensor,
     targets: Union[Tensor, Sequence[int], Sequence[Callable[[Tensor], Tensor]]],
     method: str = "gradcam",
@@ -66,12 +66,15 @@ def cam_maps(
 
     ``targets`` are class indices, or grad-cam target callables (one per sample, e.g. a
     :class:`CosineSimilarityTarget` for face models). ``batch_size`` is the number of masked
-    images per forward pass of Score-CAM (one per channel of the layer). Works under inference
-    mode and leaves the model as found (hooks released, flags and gradients restored).
+    images per forward pass of Score-CAM (one per channel of the layer). FullGrad reads every
+    convolution and batch-norm bias instead of one layer and takes ``layer=None``. Works under
+    inference mode and leaves the model as found (hooks released, flags and gradients restored).
     """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     check_images(images)
+    if layer is None and method != "fullgrad":
+        raise ValueError(f"{method} needs the target layer (e.g. fame.models.target_layer(model))")
     if isinstance(targets, Tensor):
         targets = targets.tolist()
     targets = list(targets)
@@ -81,7 +84,8 @@ def cam_maps(
     with explaining(model):
         # The graph must reach the target layer through the input, since parameters are frozen.
         inputs = images.detach().clone().requires_grad_(True)
-        with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
+        layers = [] if method == "fullgrad" else [layer]
+        with CAM_METHODS[method](model=model, target_layers=layers) as cam:
             cam.batch_size = int(batch_size)
             maps = cam(input_tensor=inputs, targets=targets)
     return torch.from_numpy(maps).unsqueeze(1).to(device=images.device, dtype=images.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import target_layer
-from .baselines import CAM_METHODS, CosineSimilarityTarget, cam_maps, centre_gaussian_maps, random_maps, sobel_maps
+from .baselines import CosineSimilarityTarget, cam_maps, centre_gaussian_maps, random_maps, sobel_maps
 from .corrrise import corrrise_maps
 from .engine import FameConfig, FameStats, check_images
 from .fame import embed, explain_classification, explain_verification
@@ -132,8 +132,11 @@ def fame_config(options: dict) -> FameConfig:
     return FameConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
 
 
-def layer_of(model: nn.Module, layer: Optional[str]) -> nn.Module:
-    """The CAM target layer: the named submodule, or :func:`fame.models.target_layer` of the model."""
+def layer_of(model: nn.Module, layer: Optional[str], method: str = "gradcam") -> Optional[nn.Module]:
+    """The CAM target layer: the named submodule, or :func:`fame.models.target_layer` of the model
+    (FullGrad needs none: it reads every bias)."""
+    if method == "fullgrad":
+        return None
     return target_layer(model) if layer is None else resolve_layer(model, layer)
 
 
@@ -157,23 +160,56 @@ def fame_classification(model, images, targets, *, ids, loss: str = "logit", **o
     return MethodResult({"": maps}, {"": stats})
 
 
-def _register_cam(method: str) -> None:
+def cam_classification(method, model, images, targets, layer=None, batch_size=32) -> MethodResult:
+    """A CAM of each image's target class."""
+    return MethodResult({"": cam_maps(model, layer_of(model, layer, method), images, targets, method, batch_size)})
+
+
+def cam_verification(method, model, images, references, layer=None, batch_size=32) -> MethodResult:
+    """A CAM of s = cos(phi(x), phi_ref) ("similar") and of 1 - s ("dissimilar")."""
+    batch = images.shape[0]
+    frozen = reference_embeddings(model, references, batch)
+    targets = [CosineSimilarityTarget(frozen[b], dissimilar) for dissimilar in (False, True) for b in range(batch)]
+    maps = cam_maps(model, layer_of(model, layer, method), images.repeat(2, 1, 1, 1), targets, method, batch_size)
+    return MethodResult({"similar": maps[:batch], "dissimilar": maps[batch:]})
+
+
+def _register_gradient_cam(method: str) -> None:
     @register_method(method, "classification")
-    def cam_classification(model, images, targets, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
-        return MethodResult({"": cam_maps(model, layer_of(model, layer), images, targets, method, batch_size)})
+    def classification(model, images, targets, *, ids, layer: Optional[str] = None) -> MethodResult:
+        return cam_classification(method, model, images, targets, layer)
 
     @register_method(method, "verification")
-    def cam_verification(model, images, references, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
-        """CAM of s = cos(phi(x), phi_ref) ("similar") and of 1 - s ("dissimilar")."""
-        batch = images.shape[0]
-        frozen = reference_embeddings(model, references, batch)
-        targets = [CosineSimilarityTarget(frozen[b], dissimilar) for dissimilar in (False, True) for b in range(batch)]
-        maps = cam_maps(model, layer_of(model, layer), images.repeat(2, 1, 1, 1), targets, method, batch_size)
-        return MethodResult({"similar": maps[:batch], "dissimilar": maps[batch:]})
+    def verification(model, images, references, *, ids, layer: Optional[str] = None) -> MethodResult:
+        return cam_verification(method, model, images, references, layer)
 
 
-for _cam in CAM_METHODS:
-    _register_cam(_cam)
+for _cam in ("gradcam", "gradcam_elementwise", "hirescam"):
+    _register_gradient_cam(_cam)
+
+
+@register_method("scorecam", "classification")
+def scorecam_classification(model, images, targets, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
+    """Score-CAM; ``batch_size`` masked images per forward pass."""
+    return cam_classification("scorecam", model, images, targets, layer, batch_size)
+
+
+@register_method("scorecam", "verification")
+def scorecam_verification(model, images, references, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
+    """Score-CAM of the cosine similarity; ``batch_size`` masked images per forward pass."""
+    return cam_verification("scorecam", model, images, references, layer, batch_size)
+
+
+@register_method("fullgrad", "classification")
+def fullgrad_classification(model, images, targets, *, ids) -> MethodResult:
+    """FullGrad: input gradient and every convolution / batch-norm bias gradient, no layer to choose."""
+    return cam_classification("fullgrad", model, images, targets)
+
+
+@register_method("fullgrad", "verification")
+def fullgrad_verification(model, images, references, *, ids) -> MethodResult:
+    """FullGrad of the cosine similarity (and of 1 - s)."""
+    return cam_verification("fullgrad", model, images, references)
 
 
 @register_method("rise", "classification")
