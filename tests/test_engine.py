@@ -381,3 +381,67 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"one loss per sample, shape \(3,\)"):
         explain(model, x, lambda batch: batch.sum(), FameConfig(**SMALL))
     assert _hooks(backbone) == 0
+
+
+# ---------------------------------------------------------------- defects of issue 7
+
+def test_verification_keeps_the_paper_epsilon_with_a_custom_config():
+    model = TinyEmbedder().to(DOUBLE)
+    x = images(batch=2)
+    custom = FameConfig(**SMALL)  # other blur and steps, epsilon left to the task
+    _, stats = explain_verification(model, x, x, custom, modes=("dissimilar",), return_stats=True)
+    assert stats["dissimilar"].iterations.tolist() == [0, 0]  # 1 - s = 0 < 0.01 at x_0
+    _, stats = explain_verification(model, x, x, custom.replace(epsilon=None), modes=("dissimilar",),
+                                    return_stats=True)
+    assert stats["dissimilar"].iterations.tolist() == [6, 6]  # explicit None: all T steps
+    classification = explain_classification(TinyClassifier().to(DOUBLE), x, [0, 1], custom.replace(epsilon="task"),
+                                            return_stats=True)[1]
+    assert classification.iterations.tolist() == [6, 6]  # the task default of classification is None
+
+
+def test_margin_with_epsilon_zero_stops_when_the_class_is_no_longer_on_top():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 5)).to(DOUBLE)
+    x = images(batch=6, seed=11)
+    with torch.no_grad():
+        predicted = model.eval()(x).argmax(dim=1)
+    config = FameConfig(step_size=0.005, iterations=40, blur_kernel=5, blur_sigma=1.3, epsilon=0.0)
+    maps, stats = explain_classification(model, x, predicted, config, loss="margin", return_stats=True)
+    assert torch.all(stats.initial_loss > 0) and torch.all(stats.iterations >= 1)
+    assert torch.all(maps.flatten(1).amax(dim=1) > 0)  # no correctly classified image gets an empty map
+    stopped = stats.iterations < 40
+    assert stopped.any() and torch.all(stats.final_loss[stopped] < 0)
+    with pytest.raises(ValueError, match="unknown classification loss 'hinge'"):
+        explain_classification(model, x, predicted, config, loss="hinge")
+
+
+def test_non_finite_pixels_and_step_sizes_are_refused():
+    model = TinyClassifier().to(DOUBLE)
+    x = images()
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"images contain 2 non-finite pixel values \(NaN or Inf\) in samples \[1, 2\]"):
+        explain_classification(model, x, [0, 1, 2], FameConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"reference_images contain 1 non-finite"):
+        explain_verification(TinyEmbedder().to(DOUBLE), images(), x[1:2], FameConfig(**SMALL))
+    for bad in (float("inf"), float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="FameConfig.step_size must be a finite number > 0"):
+            FameConfig(step_size=bad)
+    with pytest.raises(ValueError, match="FameConfig.epsilon must be"):
+        FameConfig(epsilon="paper")
+    with pytest.raises(ValueError, match="FameConfig.epsilon must be"):
+        FameConfig(epsilon=float("nan"))
+
+
+def test_a_loss_that_becomes_non_finite_names_the_samples():
+    x = torch.zeros(3, 1, 4, 4, dtype=DOUBLE)
+    start = torch.tensor([5.0, 0.5, 5.0], dtype=DOUBLE)
+
+    def objective(batch, index):  # the log's argument drops by 16 * 0.1 per step: sample 1 goes below 0
+        return torch.log(start[index] + batch.flatten(1).sum(dim=1))
+
+    for epsilon in (None, -100.0):
+        with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) for samples \[1\]"):
+            lots_perturbation(objective, x, FameConfig(step_size=0.1, iterations=3, blur_kernel=None, epsilon=epsilon))
+    with pytest.raises(FloatingPointError, match=r"for samples \[0, 2\]"):
+        lots_perturbation(lambda batch: torch.log(batch.flatten(1).sum(dim=1) - start + 1), x, FameConfig(iterations=1))

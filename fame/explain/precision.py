@@ -138,3 +138,23 @@ def maybe_channels_last(images: Tensor, enabled: bool) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last)
     return images
 
+
+
+def map_agreement(maps: Tensor, reference: Tensor) -> dict:
+    """How far maps (B, 1, H, W) of a setting are from the reference (float32) maps of the same
+    images: per-map Spearman rank correlation (ties averaged; 1 for two identical constant maps)
+    and per-map max absolute difference, both as float64 tensors (B,)."""
+    from scipy.stats import spearmanr
+
+    if maps.shape != reference.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and reference {tuple(reference.shape)} must have one shape")
+    flat = maps.detach().double().cpu().flatten(1).numpy()
+    flat_reference = reference.detach().double().cpu().flatten(1).numpy()
+    correlations = []
+    for values, expected in zip(flat, flat_reference):
+        if values.min() == values.max() or expected.min() == expected.max():
+            correlations.append(1.0 if (values == expected).all() else 0.0)
+        else:
+            correlations.append(float(spearmanr(values, expected).statistic))
+    difference = (maps.detach().double() - reference.detach().double()).abs().flatten(1).amax(dim=1).cpu()
+    return {"spearman": torch.tensor(correlations, dtype=torch.float64), "max_abs_difference": difference}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 9 from one call on one GPU (about 7 minutes on an H100):
+# the gpu-marked tests, then benchmarks/fame_speed.py; logs, JSON and markdown go to $OUT
+# (default benchmarks/results).
+#
+# Environment: the machine's own python3 with torch is used as it is. The project's pure-Python
+# dependencies missing there travel as wheels in .whl (carried; built here with
+#   pip wheel --no-deps -w .whl grad-cam ttach omegaconf antlr4-python3-runtime
+# ); where .whl is absent and a package index is reachable, `pip install -e .[dev]` into a venv.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PYTHON=python3
+
+if [ -d .whl ]; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    $PYTHON -m venv --system-site-packages /tmp/fame-venv && /tmp/fame-venv/bin/pip install -q -e ".[dev]" || exit 1
+    PYTHON=/tmp/fame-venv/bin/python
+fi
+{ nvidia-smi; $PYTHON -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"; } \
+    > "$OUT/environment.txt" 2>&1
+
+# the gpu tests of every file that has some (collecting the whole suite would need every optional dependency)
+timeout 120 $PYTHON -m pytest -q -rA -s -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu exit code $?" | tee -a "$OUT/pytest_gpu.log"
+tail -n 5 "$OUT/pytest_gpu.log"
+
+# the CPU ratio is measured on the 2-core development machine: python benchmarks/fame_speed.py --sections cpu_ratio
+timeout 400 $PYTHON benchmarks/fame_speed.py --sections resnet50 trained verification feature_map --out "$OUT" 2>&1 | tee "$OUT/fame_speed.log"
+echo "benchmark exit code ${PIPESTATUS[0]}"
