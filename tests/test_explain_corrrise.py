@@ -54,3 +54,24 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
         for key in ("similar", "dissimilar"):
             torch.testing.assert_close(batched[key][b : b + 1], single[key], atol=1e-5, rtol=1e-5)
     assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+class RegionEmbedder(torch.nn.Module):
+    """phi(x) = (mean of rows 2-5, cols 7-10; 0.5): against a reference (10, 0.5) the similarity
+    grows with every pixel of that region and no other pixel matters."""
+
+    def forward(self, x):
+        region = x[:, :, 2:6, 7:11].mean(dim=(1, 2, 3))
+        return torch.stack([region, torch.full_like(region, 0.5)], dim=1)
+
+
+def test_corrrise_finds_the_region_the_similarity_depends_on():
+    images = torch.rand(3, 3, 12, 12, generator=generator(8)) + 0.2
+    maps = corrrise_maps(RegionEmbedder(), images, torch.full((3, 3, 12, 12), 10.0), masks=200, patch_size=3,
+                         generator=generator(9))
+    inside = torch.zeros(12, 12, dtype=torch.bool)
+    inside[2:6, 7:11] = True
+    similar = maps["similar"][:, 0]
+    assert inside.flatten()[similar.flatten(1).argmax(dim=1)].all()
+    assert (similar[:, inside].mean(dim=1) > 5 * similar[:, ~inside].mean(dim=1)).all()
+    assert maps["dissimilar"][:, 0][:, inside].max() == 0

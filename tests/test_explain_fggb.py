@@ -43,3 +43,21 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
         for key in ("similar", "dissimilar"):
             torch.testing.assert_close(batched[key][b : b + 1], single[key], atol=1e-5, rtol=1e-5)
     assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+class RegionEmbedder(torch.nn.Module):
+    """phi(x) = (mean of rows 2-5, cols 7-10; 0.5): only that region has a gradient."""
+
+    def forward(self, x):
+        region = x[:, :, 2:6, 7:11].mean(dim=(1, 2, 3))
+        return torch.stack([region, torch.full_like(region, 0.5)], dim=1)
+
+
+def test_fggb_stays_on_the_region_with_gradient():
+    images = torch.rand(2, 3, 12, 12, generator=generator(6)) + 0.2
+    maps = fggb_maps(RegionEmbedder(), images, torch.full((2, 3, 12, 12), 10.0), threshold=0.0, blur_kernel=0)
+    inside = torch.zeros(12, 12, dtype=torch.bool)
+    inside[2:6, 7:11] = True
+    similar = maps["similar"][:, 0]
+    assert similar[:, ~inside].max() == 0 and similar[:, inside].min() > 0.99  # uniform |gradient| inside
+    assert maps["dissimilar"].max() == 0  # cos > theta = 0 and every weight v_k >= 0

@@ -53,3 +53,20 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     assert batched.shape == (3, 1, 12, 12) and batched.min() >= 0 and batched.max() <= 1
     assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+class RegionClassifier(torch.nn.Module):
+    """Logits (0, 8 * mean of rows 2-5, cols 7-10): class 1 rests on that region only."""
+
+    def forward(self, x):
+        region = x[:, :, 2:6, 7:11].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(region), 8 * region], dim=1)
+
+
+def test_rise_finds_the_region_the_class_rests_on():
+    images = torch.rand(2, 3, 12, 12, generator=generator(6)) + 0.2
+    maps = rise_maps(RegionClassifier(), images, [1, 1], masks=300, grid_size=4, generator=generator(7))[:, 0]
+    inside = torch.zeros(12, 12, dtype=torch.bool)
+    inside[2:6, 7:11] = True
+    assert inside.flatten()[maps.flatten(1).argmax(dim=1)].all()
+    assert (maps[:, inside].mean(dim=1) > maps[:, ~inside].mean(dim=1) + 0.3).all()
