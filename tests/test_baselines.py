@@ -84,3 +84,13 @@ def test_random_maps_are_seeded_per_sample_id():
     assert sample_seed("img/0001.jpg", 7) == 782219301
     with pytest.raises(ValueError, match=r"one sample id per image \(4\), got 3"):
         random_maps(images, ids[:3])
+
+
+def test_scorecam_draws_no_progress_bars(capfd):
+    from pytorch_grad_cam import score_cam
+
+    library_tqdm = score_cam.tqdm
+    model = TinyClassifier()
+    maps = cam_maps(model, model.features[3], torch.rand(2, 3, 8, 8), [0, 1], "scorecam", batch_size=3)
+    assert maps.shape == (2, 1, 8, 8) and torch.isfinite(maps).all()
+    assert capfd.readouterr().err == "" and score_cam.tqdm is library_tqdm

@@ -10,10 +10,15 @@ input's device.
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
+from functools import partial
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import tqdm
+from pytorch_grad_cam import score_cam
 from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
@@ -54,6 +59,18 @@ class CosineSimilarityTarget:
         return 1.0 - similarity if self.dissimilar else similarity
 
 
+@contextmanager
+def _without_progress_bars():
+    """grad-cam's Score-CAM draws a tqdm bar per image; over a dataset that floods the log around
+    the explain stage's own progress bar, so its bars are switched off while it runs."""
+    library_tqdm = score_cam.tqdm
+    score_cam.tqdm = SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))
+    try:
+        yield
+    finally:
+        score_cam.tqdm = library_tqdm
+
+
 def cam_maps(
     model: nn.Module,
     layer: Optional[nn.Module],
@@ -85,7 +102,7 @@ def cam_maps(
         # The graph must reach the target layer through the input, since parameters are frozen.
         inputs = images.detach().clone().requires_grad_(True)
         layers = [] if method == "fullgrad" else [layer]
-        with CAM_METHODS[method](model=model, target_layers=layers) as cam:
+        with CAM_METHODS[method](model=model, target_layers=layers) as cam, _without_progress_bars():
             cam.batch_size = int(batch_size)
             maps = cam(input_tensor=inputs, targets=targets)
     return torch.from_numpy(maps).unsqueeze(1).to(device=images.device, dtype=images.dtype)
