@@ -195,6 +195,7 @@ class MapStore:
         self.meta: Dict = dict(attributes.get("meta") or {})
         self._ids = self._group["ids"]
         self._arrays: Dict[str, Tuple[Any, Any, Any]] = {}
+        self._known_ids: Dict[int, str] = {}
 
     @classmethod
     def create_or_open(cls, path: PathLike, num_samples: int, size: Sequence[int], meta: Optional[Mapping] = None) -> "MapStore":
@@ -401,12 +402,14 @@ class MapStore:
         if broken.any():
             raise ValueError(f"{entry}: maps of {[ids[i] for i in np.flatnonzero(broken)[:5]]} are not finite "
                              "(NaN, Inf, or beyond float16's range); fix the explainer's input or settings")
+        stats = {name: _as_column(values) for name, values in (stats or {}).items()}
+        if set(stats) - set(STAT_NAMES) or any(len(values) != len(rows) for values in stats.values()):
+            raise ValueError(f"stats must map some of {list(STAT_NAMES)} to {len(rows)} values each, got "
+                             f"{ {name: len(values) for name, values in stats.items()} }")
         table = np.full((len(rows), len(STAT_NAMES)), np.nan, dtype=np.float32)
         for column, stat_name in enumerate(STAT_NAMES):
-            if stats is not None and stat_name in stats:
-                table[:, column] = _as_column(stats[stat_name])
-        if stats is not None and set(stats) - set(STAT_NAMES):
-            raise ValueError(f"unknown stats {sorted(set(stats) - set(STAT_NAMES))}; the store records {list(STAT_NAMES)}")
+            if stat_name in stats:
+                table[:, column] = stats[stat_name]
         order = np.argsort(rows)
         rows, half, table = rows[order], half[order], table[order]
         ids = [ids[i] for i in order]
@@ -416,6 +419,8 @@ class MapStore:
         done_array.oindex[rows] = True
 
     def _record_ids(self, rows: np.ndarray, ids: List[str]) -> None:
+        if all(self._known_ids.get(int(row)) == sample_id for row, sample_id in zip(rows, ids)):
+            return  # written or checked by this process already (e.g. for another method)
         stored = np.asarray(self._ids.oindex[rows]).astype(object)
         for row, known, sample_id in zip(rows, stored, ids):
             if known not in ("", sample_id):
@@ -426,6 +431,7 @@ class MapStore:
         new = stored == ""
         if new.any():
             self._ids.oindex[rows[new]] = np.array([sample_id for sample_id, fresh in zip(ids, new) if fresh])
+        self._known_ids.update((int(row), sample_id) for row, sample_id in zip(rows, ids))
 
     def read(self, entry: str, ids: Optional[Sequence[str]] = None) -> np.ndarray:
         """Maps (n, H, W) as float32 of sample ``ids`` (default: every row); a map never written is an error."""

@@ -92,6 +92,10 @@ def test_write_errors_say_what_was_wrong(tmp_path):
         store.write("fame", [2], ["a"], np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match=r"maps of \['b'\] are not finite"):
         store.write("fame", [0, 1], ["a", "b"], np.array([np.zeros((2, 2)), np.full((2, 2), np.nan)]))
+    with pytest.raises(ValueError, match=r"stats must map some of .* to 1 values each, got \{'iterations': 2\}"):
+        store.write("fame", [0], ["a"], np.zeros((1, 2, 2)), stats={"iterations": [1, 2]})
+    with pytest.raises(ValueError, match=r"got \{'steps': 1\}"):
+        store.write("fame", [0], ["a"], np.zeros((1, 2, 2)), stats={"steps": [1]})
     assert not store.completed("fame").any()
     store.write("fame", [0], ["a"], np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="row 0 .* holds sample 'a', not 'z'.*dataset's order"):
