@@ -154,7 +154,7 @@ def test_errors_name_what_is_known():
         method_names("detection")
     with pytest.raises(ValueError, match=r"rise \(classification\) has no option 'mask'; its options are masks, grid_size"):
         get_method("rise", "classification")(model, images, [0], ids=["a"], mask=3)
-    with pytest.raises(ValueError, match="fame has no option 'iteration'"):
+    with pytest.raises(ValueError, match=r"fame \(classification\) has no option 'iteration'; its options are loss, step_size"):
         get_method("fame", "classification")(model, images, [0], ids=["a"], iteration=3)
     with pytest.raises(ValueError, match=r"ids must hold one sample id per image \(1\), got 2"):
         get_method("sobel", "classification")(model, images, [0], ids=["a", "b"])
@@ -178,3 +178,7 @@ def test_a_new_method_plugs_in_with_one_function(monkeypatch):
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         get_method("nan_method", "classification")(None, torch.rand(1, 3, 4, 4), [0], ids=["a"])
     assert bad is not None
+    register_method("unscaled", "verification")(
+        lambda model, images, other, *, ids: MethodResult({"similar": 255 * images[:, :1], "dissimilar": images[:, :1]}))
+    with pytest.raises(RuntimeError, match=r"unscaled returned 'similar' maps outside \[0, 1\]"):
+        get_method("unscaled", "verification")(None, torch.rand(1, 3, 4, 4) + 0.5, None, ids=["a"])

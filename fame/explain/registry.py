@@ -37,6 +37,8 @@ from .rise import rise_maps
 
 TASKS = ("classification", "verification")
 VERIFICATION_OUTPUTS = ("similar", "dissimilar")
+#: Rounding slack above 1 for maps normalized in float32.
+MAP_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -58,12 +60,13 @@ def _check_task(task: str) -> None:
 
 
 def _option_names(fn: Callable) -> List[str]:
-    parameters = list(inspect.signature(fn).parameters.values())[3:]
+    parameters = inspect.signature(fn).parameters.values()
     return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "ids"]
 
 
 def _checked(name: str, task: str, fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
-    """``fn`` with its inputs (ids, options) and its result (shapes, range, NaN) checked."""
+    """``fn`` with its inputs (ids, options) and its result (shapes, range, NaN) checked; the
+    ``options`` attribute lists its named options (a method taking ``**options`` accepts more)."""
     signature = inspect.signature(fn)
     takes_any_option = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     known = _option_names(fn)
@@ -85,10 +88,15 @@ def _checked(name: str, task: str, fn: Callable[..., MethodResult]) -> Callable[
         for key, maps in result.maps.items():
             if tuple(maps.shape) != expected:
                 raise RuntimeError(f"{name} returned {key!r} maps of shape {tuple(maps.shape)}, expected {expected}")
-            if not bool(torch.isfinite(maps).all()):
+            if not bool(((maps >= 0) & (maps <= 1 + MAP_TOLERANCE)).all()):
+                if not bool(torch.isfinite(maps).all()):
+                    raise RuntimeError(
+                        f"{name} returned NaN or Inf in its {key!r} maps; check the images and the model's "
+                        "outputs for NaN/Inf"
+                    )
                 raise RuntimeError(
-                    f"{name} returned NaN or Inf in its {key!r} maps; check the images and the model's "
-                    "outputs for NaN/Inf"
+                    f"{name} returned {key!r} maps outside [0, 1] (from {float(maps.min()):.4g} to "
+                    f"{float(maps.max()):.4g}); normalize each map, e.g. with fame.explain.normalize_maps"
                 )
         return result
 
@@ -123,12 +131,13 @@ def method_names(task: str) -> List[str]:
     return sorted(method for method, method_task in _METHODS if method_task == task)
 
 
-def fame_config(options: dict) -> FameConfig:
+def fame_config(options: dict, task: str) -> FameConfig:
     """A FameConfig from config-file options (lists become tuples)."""
     names = [f.name for f in fields(FameConfig)]
     unknown = sorted(set(options) - set(names))
     if unknown:
-        raise ValueError(f"fame has no option {', '.join(map(repr, unknown))}; its options are loss and {', '.join(names)}")
+        known = (["loss"] if task == "classification" else []) + names
+        raise ValueError(f"fame ({task}) has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}")
     return FameConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
 
 
@@ -156,7 +165,8 @@ def reference_embeddings(model: nn.Module, references: Tensor, batch: int) -> Te
 def fame_classification(model, images, targets, *, ids, loss: str = "logit", **options) -> MethodResult:
     """FAME (DESIGN.md sec. 1); options are the FameConfig fields and the loss
     ("logit", "abs_logit", "log_softmax", "probability", "margin")."""
-    maps, stats = explain_classification(model, images, targets, fame_config(options), loss=loss, return_stats=True)
+    maps, stats = explain_classification(model, images, targets, fame_config(options, "classification"), loss=loss,
+                                        return_stats=True)
     return MethodResult({"": maps}, {"": stats})
 
 
@@ -229,7 +239,8 @@ def rise_classification(
 @register_method("fame", "verification")
 def fame_verification(model, images, references, *, ids, **options) -> MethodResult:
     """FAME e+ / e- (DESIGN.md sec. 1); options are the FameConfig fields (epsilon "task": the paper's 0.01)."""
-    maps, stats = explain_verification(model, images, references, fame_config(options), return_stats=True)
+    maps, stats = explain_verification(model, images, references, fame_config(options, "verification"),
+                                       return_stats=True)
     return MethodResult(dict(maps), dict(stats))
 
 
@@ -290,6 +301,7 @@ for _task in TASKS:
 __all__ = [
     "TASKS",
     "VERIFICATION_OUTPUTS",
+    "MAP_TOLERANCE",
     "MethodResult",
     "fame_config",
     "get_method",
