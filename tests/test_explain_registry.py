@@ -182,3 +182,22 @@ def test_a_new_method_plugs_in_with_one_function(monkeypatch):
         lambda model, images, other, *, ids: MethodResult({"similar": 255 * images[:, :1], "dissimilar": images[:, :1]}))
     with pytest.raises(RuntimeError, match=r"unscaled returned 'similar' maps outside \[0, 1\]"):
         get_method("unscaled", "verification")(None, torch.rand(1, 3, 4, 4) + 0.5, None, ids=["a"])
+
+
+@pytest.mark.parametrize("task", ["classification", "verification"])
+def test_every_method_has_a_config_file_with_its_options(task):
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from fame.explain import FameConfig
+
+    folder = Path(__file__).parents[1] / "configs" / "explainer"
+    for name in method_names(task):
+        config = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"))
+        assert config.pop("name") == name
+        known = [f.name for f in fields(FameConfig)] + ["loss"] if name == "fame" else get_method(name, task).options
+        assert set(config) <= set(known), (name, sorted(set(config) - set(known)))
+        if name != "fame":
+            assert sorted(config) == sorted(known), name  # every option visible in the file
