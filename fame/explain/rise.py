@@ -107,7 +107,7 @@ def rise_maps(
     batch, _, height, width = images.shape
     targets = _check_targets(targets, batch, images.device)
     grids, shifts = draw_rise_grids(masks, grid_size, probability, (height, width), generator)
-    grids, shifts = grids.to(images.device), shifts.to(images.device)
+    grids, shifts = grids.to(images.device, images.dtype), shifts.to(images.device)
     masks_per_pass = max(1, int(batch_size) // batch)
     with explaining(model), torch.no_grad():
         saliency = torch.zeros(batch, height, width, device=images.device, dtype=images.dtype)
@@ -115,7 +115,7 @@ def rise_maps(
         for start in range(0, masks, masks_per_pass):
             chunk = upsample_rise_masks(
                 grids[start : start + masks_per_pass], shifts[start : start + masks_per_pass], (height, width)
-            ).to(images.dtype)
+            )
             masked = (source[:, None] * chunk[None]).flatten(0, 1)
             logits = model(masked)
             scores = class_scores(logits, targets.repeat_interleave(chunk.shape[0]), score).view(batch, -1)
