@@ -9,7 +9,9 @@ probability and correctness are recorded per P. Two imputations:
   authors' code), renormalised at the image border over the neighbours that exist; known pixels
   stay fixed. This is a sparse symmetric positive definite system over the removed pixels per
   image and channel, solved here for all images and channels at once by conjugate gradients
-  preconditioned with a geometric multigrid V-cycle. Then N(0, noise_std^2) noise is added to the
+  preconditioned with a geometric multigrid V-cycle (one Jacobi sweep before and after each
+  coarsening, bilinear transfers, a coarse pixel unknown when all its children are; images
+  whose systems converged leave the batch). Then N(0, noise_std^2) noise is added to the
   removed pixels.
 
 Solver tolerance: each (image, channel) system stops once its residual satisfies
@@ -48,9 +50,8 @@ DIAGONAL_WEIGHT = 1 / 12
 DEFAULT_PERCENTAGES = tuple(range(0, 101, 10))
 
 _COARSEST_SIDE = 8
-_SMOOTHING_STEPS = 2
+_SMOOTHING_STEPS = 1
 _COARSEST_STEPS = 16
-_JACOBI_DAMPING = 0.8
 
 
 def _neighbour_kernel(channels: int, dtype, device) -> Tensor:
@@ -69,37 +70,63 @@ def _bilinear_kernel(channels: int, dtype, device) -> Tensor:
     return torch.outer(taps, taps).expand(channels, 1, 4, 4).contiguous()
 
 
-@dataclass
 class _Level:
-    unknown: Tensor  # (B, 1, H, W) removed pixels at this level, as 0/1 floats
-    diagonal: Tensor  # (1, 1, H, W) sum of the weights of the in-image neighbours
-    kernel: Tensor  # (C, 1, 3, 3) neighbour weights, one group per channel
+    """One grid of the multigrid hierarchy; masks are expanded to (B, C, H, W), channels last."""
+
+    def __init__(self, unknown: Tensor, kernel: Tensor):
+        batch, height, width = unknown.shape[0], unknown.shape[-2], unknown.shape[-1]
+        channels = kernel.shape[0]
+        ones = torch.ones(1, channels, height, width, dtype=unknown.dtype, device=unknown.device)
+        in_image_weights = F.conv2d(ones, kernel, padding=1, groups=channels)[:, :1]
+
+        def full(values: Tensor) -> Tensor:
+            return values.expand(batch, channels, height, width).contiguous(memory_format=torch.channels_last)
+
+        self.kernel = kernel
+        self.unknown = full(unknown)  # 1 on removed pixels, 0 elsewhere
+        self.diagonal = full(unknown * in_image_weights)  # sum of the in-image neighbour weights
+        self.jacobi_scale = full(unknown / in_image_weights)
+
+    def select(self, images: Tensor) -> "_Level":
+        chosen = object.__new__(_Level)
+        chosen.kernel = self.kernel
+        for name in ("unknown", "diagonal", "jacobi_scale"):
+            setattr(chosen, name, _select(getattr(self, name), images))
+        return chosen
 
     def neighbours(self, values: Tensor) -> Tensor:
         return F.conv2d(values, self.kernel, padding=1, groups=values.shape[1])
 
     def apply(self, values: Tensor) -> Tensor:
-        """A x on the removed pixels for x zero elsewhere: x_i - sum_j w_ij x_j (unnormalised)."""
-        return self.unknown * (self.diagonal * values - self.neighbours(values))
+        """A x on the removed pixels for x zero elsewhere: D_i x_i - sum_j w_ij x_j."""
+        return torch.addcmul(self.diagonal * values, self.unknown, self.neighbours(values), value=-1)
 
-    def smooth(self, values: Tensor, rhs: Tensor, steps: int) -> Tensor:
-        """Damped Jacobi sweeps (symmetric, so the V-cycle stays a valid CG preconditioner)."""
-        scale = _JACOBI_DAMPING * self.unknown / self.diagonal
+    def residual(self, values: Tensor, rhs: Tensor) -> Tensor:
+        return torch.addcmul(rhs, self.diagonal, values, value=-1).addcmul_(self.unknown, self.neighbours(values))
+
+    def smooth(self, values: Optional[Tensor], rhs: Tensor, steps: int) -> Tensor:
+        """Jacobi sweeps x <- (b + N x) / D on the removed pixels, from ``values`` (None: zero).
+
+        Jacobi is symmetric and D + W (the signless Laplacian of the 8-neighbour graph, which has
+        triangles) is positive definite, so the V-cycle is a valid CG preconditioner.
+        """
+        if values is None:
+            values, steps = self.jacobi_scale * rhs, steps - 1
         for _ in range(steps):
-            values = values + scale * (rhs - self.apply(values))
+            values = self.jacobi_scale * (rhs + self.neighbours(values))
         return values
+
+
+def _select(values: Tensor, images: Tensor) -> Tensor:
+    return values.index_select(0, images).contiguous(memory_format=torch.channels_last)
 
 
 def _build_levels(unknown: Tensor, channels: int) -> List[_Level]:
     levels = []
-    dtype, device = unknown.dtype, unknown.device
-    kernel = _neighbour_kernel(channels, dtype, device)
+    kernel = _neighbour_kernel(channels, unknown.dtype, unknown.device)
     while True:
-        height, width = unknown.shape[-2:]
-        ones = torch.ones(1, channels, height, width, dtype=dtype, device=device)
-        diagonal = F.conv2d(ones, kernel, padding=1, groups=channels)[:, :1]
-        levels.append(_Level(unknown, diagonal, kernel))
-        if min(height, width) <= _COARSEST_SIDE:
+        levels.append(_Level(unknown, kernel))
+        if min(unknown.shape[-2:]) <= _COARSEST_SIDE:
             return levels
         # a coarse pixel is unknown when all its children are: the coarse problem keeps the
         # known pixels as its boundary (far fewer CG iterations than 'any child unknown')
@@ -123,9 +150,9 @@ def _prolong(values: Tensor, fine: _Level, kernel: Tensor) -> Tensor:
 def _v_cycle(levels: List[_Level], rhs: Tensor, depth: int, kernel: Tensor) -> Tensor:
     level = levels[depth]
     if depth == len(levels) - 1:
-        return level.smooth(torch.zeros_like(rhs), rhs, _COARSEST_STEPS)
-    values = level.smooth(torch.zeros_like(rhs), rhs, _SMOOTHING_STEPS)
-    coarse_rhs = _restrict(rhs - level.apply(values), levels[depth + 1], kernel)
+        return level.smooth(None, rhs, _COARSEST_STEPS)
+    values = level.smooth(None, rhs, _SMOOTHING_STEPS)
+    coarse_rhs = _restrict(level.residual(values, rhs), levels[depth + 1], kernel)
     values = values + _prolong(_v_cycle(levels, coarse_rhs, depth + 1, kernel), level, kernel)
     return level.smooth(values, rhs, _SMOOTHING_STEPS)
 
@@ -153,6 +180,7 @@ def solve_linear_imputation(
     transfer_kernel = _bilinear_kernel(channels, dtype, images.device)
     known_values = known_values * (1 - unknown)
     rhs = fine.unknown * fine.neighbours(known_values)
+    levels = list(levels)
 
     def precondition(residual: Tensor) -> Tensor:
         return _v_cycle(levels, residual, 0, transfer_kernel)
@@ -160,35 +188,51 @@ def solve_linear_imputation(
     def per_system(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum(dim=(2, 3), keepdim=True)
 
+    tiny = torch.finfo(dtype).tiny
+    full_solution = torch.zeros_like(rhs)
     solution = torch.zeros_like(rhs)
-    residual = rhs.clone()
+    residual = rhs
     threshold = tol * per_system(rhs, rhs).sqrt()
     active = per_system(residual, residual).sqrt() > threshold
     iterations = torch.zeros(active.shape, dtype=torch.long, device=images.device)
+    working = torch.arange(images.shape[0], device=images.device)  # images still iterating
     preconditioned = precondition(residual)
     direction = preconditioned
     residual_dot = per_system(residual, preconditioned)
-    for _ in range(max_iterations):
-        if not active.any():
+    for _ in range(max_iterations + 1):
+        still = active.flatten(1).any(dim=1)
+        if not still.all():
+            # images whose systems all converged leave the batch: the others iterate as before
+            finished = (~still).nonzero().squeeze(1)
+            full_solution.index_copy_(0, working.index_select(0, finished), solution.index_select(0, finished))
+            keep = still.nonzero().squeeze(1)
+            working = working.index_select(0, keep)
+            solution, residual, direction = (_select(t, keep) for t in (solution, residual, direction))
+            residual_dot, threshold, active = (t.index_select(0, keep) for t in (residual_dot, threshold, active))
+            levels = [level.select(keep) for level in levels]
+            fine = levels[0]
+        if working.numel() == 0 or _ == max_iterations:
             break
         product = fine.apply(direction)
         curvature = per_system(direction, product)
-        step = torch.where(active & (curvature > 0), residual_dot / curvature.clamp(min=torch.finfo(dtype).tiny), 0)
-        solution = solution + step * direction
-        residual = residual - step * product
-        iterations += active.long()
+        step = torch.where(active & (curvature > 0), residual_dot / curvature.clamp(min=tiny), 0)
+        solution = solution.addcmul_(step, direction)
+        residual = residual.addcmul(step, product, value=-1)
+        iterations.index_add_(0, working, active.long())
         active = active & (per_system(residual, residual).sqrt() > threshold)
         preconditioned = precondition(residual)
         new_residual_dot = per_system(residual, preconditioned)
-        momentum = torch.where(active, new_residual_dot / residual_dot.clamp(min=torch.finfo(dtype).tiny), 0)
-        direction = preconditioned + momentum * direction
+        momentum = torch.where(active, new_residual_dot / residual_dot.clamp(min=tiny), 0)
+        direction = preconditioned.addcmul_(momentum, direction)
         residual_dot = new_residual_dot
-    if active.any():
+    if working.numel():
+        full_solution.index_copy_(0, working, solution)
         warnings.warn(
             f"linear imputation: {int(active.sum())} systems did not reach the relative residual {tol} "
             f"in {max_iterations} iterations; raise max_iterations or tol",
             stacklevel=2,
         )
+    solution = full_solution
     imputed = known_values + solution
     return imputed.to(images.dtype).contiguous(), iterations.view(images.shape[0], channels)
 

@@ -1,0 +1,176 @@
+"""ROAD with noisy linear imputation: fame's batched solver against grad-cam's per-image scipy solve (issue 8).
+
+    python benchmarks/metrics_speed.py                      # 16 images, 224 px, ResNet-18, CPU, ~minutes
+    python benchmarks/metrics_speed.py --images 4 --size 64 # smoke run
+    python benchmarks/metrics_speed.py --device cuda        # ours on the GPU as well (grad-cam stays on the CPU)
+
+Both sides get the same images, the same smooth maps (bilinear from 7 x 7, no ties), the same
+torchvision ResNet-18 with random weights (seed 0, eval mode) and remove the most relevant
+P = 10, 20, ..., 90 % of pixels (P = 0 needs no imputation; at P = 100 grad-cam's system is
+singular). grad-cam: ``ROADMostRelevantFirst(percentile=100 - P)`` per P with
+``return_diff=False`` (one forward pass per P, like ours). Ours: ``fame.metrics.road.road_curve``.
+Both run on ``--threads`` CPU threads (default 1: scipy's solve is single-threaded, and one thread
+keeps a shared CPU from stalling OpenMP). Reported: images/s end to end (imputation + forward pass
+per P) and for the imputation alone (end to end minus the time of the same forward passes on
+clean images), and the agreement of the curves: mean |target-logit difference| between grad-cam
+and ours, next to the difference between two runs of ours with different noise seeds (the
+floor set by the N(0, 0.01) noise). Figures go to ``<out>/metrics_speed_<device>.json`` and are
+printed as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from fame.metrics.road import road_curve
+
+
+def make_inputs(images: int, size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(images, 3, 14, 14, generator=generator)
+    batch = F.interpolate(coarse, size=size, mode="bilinear") + 0.1 * torch.randn(images, 3, size, size, generator=generator)
+    batch = (batch - 0.5) / 0.25  # roughly normalized inputs
+    maps = F.interpolate(torch.rand(images, 1, 7, 7, generator=generator), size=size, mode="bilinear", align_corners=False)
+    maps = maps + 1e-6 * torch.rand(maps.shape, generator=generator)  # no ties
+    return batch, maps
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def grad_cam_curves(model, images, maps, targets, percentages):
+    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cams = maps[:, 0].numpy()
+    labels = [ClassifierOutputTarget(int(t)) for t in targets]
+    columns = []
+    for percentage in percentages:
+        metric = ROADMostRelevantFirst(percentile=100 - percentage)
+        columns.append(metric(images, cams, labels, model, return_diff=False))
+    return torch.from_numpy(np.stack(columns, axis=1)).float()
+
+
+def forward_passes(model, images, levels):
+    with torch.no_grad():
+        for _ in range(levels):
+            model(images)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where ours also runs besides the CPU (e.g. cuda)")
+    parser.add_argument("--skip-grad-cam", action="store_true", help="time ours only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    percentages = list(range(10, 100, 10))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images, maps = make_inputs(args.images, args.size)
+    with torch.no_grad():
+        targets = model(images).argmax(dim=1)
+    figures = {
+        "images": args.images, "size": args.size, "percentages": percentages, "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    }
+
+    _, forward_seconds = timed(lambda: forward_passes(model, images, len(percentages)))
+    figures["forward_seconds_cpu"] = forward_seconds
+    ours, ours_seconds = timed(lambda: road_curve(model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(1)))
+    reseeded = road_curve(model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(2))
+    figures["ours_cpu"] = {
+        "seconds": ours_seconds,
+        "images_per_second": args.images / ours_seconds,
+        "imputation_images_per_second": args.images * len(percentages) / max(ours_seconds - forward_seconds, 1e-9),
+    }
+    figures["noise_floor_mean_abs_logit_difference"] = float((ours.logit - reseeded.logit).abs().mean())
+
+    if not args.skip_grad_cam:
+        theirs, theirs_seconds = timed(lambda: grad_cam_curves(model, images, maps, targets, percentages))
+        figures["grad_cam_cpu"] = {
+            "seconds": theirs_seconds,
+            "images_per_second": args.images / theirs_seconds,
+            "imputation_images_per_second": args.images * len(percentages) / max(theirs_seconds - forward_seconds, 1e-9),
+        }
+        figures["speedup_end_to_end"] = theirs_seconds / ours_seconds
+        figures["speedup_imputation"] = (theirs_seconds - forward_seconds) / max(ours_seconds - forward_seconds, 1e-9)
+        difference = (ours.logit - theirs).abs()
+        figures["grad_cam_vs_ours_mean_abs_logit_difference"] = float(difference.mean())
+        figures["grad_cam_vs_ours_max_abs_logit_difference"] = float(difference.max())
+        figures["mean_curve_ours"] = ours.logit.mean(dim=0).tolist()
+        figures["mean_curve_grad_cam"] = theirs.mean(dim=0).tolist()
+
+    if args.device != "cpu":
+        device = torch.device(args.device)
+        model_device, images_device, maps_device, targets_device = model.to(device), images.to(device), maps.to(device), targets.to(device)
+        road_curve(model_device, images_device, maps_device, targets_device, percentages[:1])  # warm-up
+        torch.cuda.synchronize() if device.type == "cuda" else None
+
+        def run_device():
+            curves = road_curve(model_device, images_device, maps_device, targets_device, percentages, generator=torch.Generator().manual_seed(1))
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            return curves
+
+        on_device, device_seconds = timed(run_device)
+        figures[f"ours_{device.type}"] = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "seconds": device_seconds,
+            "images_per_second": args.images / device_seconds,
+        }
+        figures[f"{device.type}_vs_cpu_max_abs_logit_difference"] = float((on_device.logit.cpu() - ours.logit).abs().max())
+        if "grad_cam_cpu" in figures:
+            figures[f"speedup_{device.type}_vs_grad_cam_cpu"] = figures["grad_cam_cpu"]["seconds"] / device_seconds
+
+    print(markdown(figures))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.device.split(":")[0]
+    path = args.out / f"metrics_speed_{tag}.json"
+    path.write_text(json.dumps(figures, indent=2))
+    print(f"\nwrote {path}")
+
+
+def markdown(figures: dict) -> str:
+    lines = [
+        f"ROAD (noisy linear imputation), {figures['images']} images at {figures['size']} px, "
+        f"ResNet-18, P = {figures['percentages'][0]}..{figures['percentages'][-1]} %, {figures['threads']} CPU thread(s)",
+        "",
+        "| implementation | seconds | images/s (end to end) | imputations/s (imputation only) |",
+        "|---|---|---|---|",
+    ]
+    for key, name in (("grad_cam_cpu", "grad-cam ROADMostRelevantFirst, CPU"), ("ours_cpu", "fame road_curve, CPU"), ("ours_cuda", "fame road_curve, GPU")):
+        if key in figures:
+            row = figures[key]
+            imputation = f"{row['imputation_images_per_second']:.2f}" if "imputation_images_per_second" in row else "-"
+            lines.append(f"| {name} | {row['seconds']:.2f} | {row['images_per_second']:.3f} | {imputation} |")
+    lines.append("")
+    lines.append(f"forward passes alone (CPU): {figures['forward_seconds_cpu']:.2f} s")
+    if "speedup_end_to_end" in figures:
+        lines.append(f"speed-up on CPU: {figures['speedup_end_to_end']:.1f}x end to end, {figures['speedup_imputation']:.1f}x imputation only")
+        lines.append(
+            f"curve agreement: mean |logit ours - grad-cam| = {figures['grad_cam_vs_ours_mean_abs_logit_difference']:.4f} "
+            f"(max {figures['grad_cam_vs_ours_max_abs_logit_difference']:.4f}); two noise seeds of ours differ by "
+            f"{figures['noise_floor_mean_abs_logit_difference']:.4f}"
+        )
+    if "speedup_cuda_vs_grad_cam_cpu" in figures:
+        lines.append(f"GPU vs grad-cam on CPU: {figures['speedup_cuda_vs_grad_cam_cpu']:.0f}x; GPU vs CPU curves max |diff| {figures['cuda_vs_cpu_max_abs_logit_difference']:.2e}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
