@@ -72,6 +72,7 @@ def test_cascading_randomization_changes_gradient_maps_and_not_the_model():
     assert (result.spearman[-1] < 0.9).all()  # a fully random network gives different gradients
     for name, value in model.state_dict().items():
         assert value.equal(before[name]), f"{name} of the caller's model changed"
+    assert all(parameter.grad is None for parameter in model.parameters())
     again = cascading_randomization(model, gradient_map, images, targets, torch.Generator().manual_seed(3))
     assert again.spearman.equal(result.spearman)
 

@@ -95,8 +95,8 @@ def cascading_randomization(
     ``explain_fn(model, images, targets)`` returns maps (B, 1, H, W) in [0, 1] (for a registry
     method: ``lambda m, x, t: method(m, x, t, ids=ids).maps[""]``). ``layers`` are module names
     of ``model``, default ``parameterized_layers(model)`` (output first). The caller's model is
-    never changed: the randomization happens on a deep copy, with parameters drawn from
-    ``generator`` (see ``randomize_parameters_``).
+    never touched (not even its gradients): the maps of the intact model and the randomization
+    both use a deep copy, with parameters drawn from ``generator`` (see ``randomize_parameters_``).
     """
     randomized = copy.deepcopy(model)
     modules = dict(randomized.named_modules())
@@ -104,7 +104,7 @@ def cascading_randomization(
     unknown = [name for name in layers if name not in modules]
     if unknown:
         raise ValueError(f"layers {unknown} are not modules of the model; pick from parameterized_layers(model)")
-    original = explain_fn(model, images, targets).detach()
+    original = explain_fn(randomized, images, targets).detach()  # the copy, still intact
     spearman, ssim = [], []
     for name in layers:
         randomize_parameters_(modules[name], generator)
