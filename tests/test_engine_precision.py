@@ -16,7 +16,8 @@ from nets import TinyBackbone, TinyClassifier, TinyEmbedder
 
 SIZE = 32
 CONFIG = FameConfig(step_size=2 / 255, iterations=20, blur_kernel=7, blur_sigma=1.1)
-MODES = [("32", False), ("tf32", False), ("bf16-mixed", False), ("bf16-mixed", True), ("32", True)]
+MODES = [("32", False), ("tf32", False), ("bf16-mixed", False), ("bf16-mixed", True), ("16-mixed", True),
+         ("32", True)]
 
 
 class ShapesNet(nn.Module):
@@ -261,3 +262,33 @@ def test_cuda_compiled_step_equals_eager_with_early_stopping():
                                                       return_stats=True)
     assert compiled_stats.iterations.tolist() == eager_stats.iterations.tolist()
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=0)
+
+
+def test_inside_a_lightning_trainer_the_engines_precision_wins():
+    import lightning as L
+
+    model = TinyClassifier()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    config = FameConfig(step_size=0.02, iterations=4, blur_kernel=5, blur_sigma=1.3)
+
+    class Explainer(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def predict_step(self, batch, batch_idx):
+            assert torch.is_autocast_enabled("cpu")  # the trainer's bf16 autocast is on around the step
+            return explain_classification(self.model, batch[0], [0, 1], config)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    (maps,) = trainer.predict(Explainer(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2))
+    torch.testing.assert_close(maps, explain_classification(model, x, [0, 1], config), atol=0, rtol=0)
+
+
+def test_a_bfloat16_model_runs_under_bf16_mixed_with_float32_steps():
+    model = TinyClassifier().to(torch.bfloat16)
+    maps, stats = explain_classification(model, torch.rand(2, 3, 12, 12), [0, 1],
+                                         FameConfig(step_size=0.02, iterations=3, blur_kernel=5, blur_sigma=1.3,
+                                                    precision="bf16-mixed"), return_stats=True)
+    assert maps.dtype == torch.float32 and stats.iterations.tolist() == [3, 3]

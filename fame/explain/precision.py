@@ -15,7 +15,10 @@ Precision names follow Lightning's ``Trainer(precision=...)``:
 The engine's own setting always wins over the caller's: an autocast region that is active
 around the call (as Lightning's precision plugins open around ``predict_step`` and
 ``validation_step``) is switched off inside the engine, and the TF32 flags are set for the run
-and restored afterwards.
+and restored afterwards. Under ``Trainer(precision="bf16-true")`` / ``"16-true"`` the model's
+weights themselves are low precision: x_t still stays float32, so run such a model with
+``"bf16-mixed"`` / ``"16-mixed"`` (autocast casts x_t for the model); ``"32"`` refuses the
+mismatch with PyTorch's dtype error.
 """
 
 from __future__ import annotations
