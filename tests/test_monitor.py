@@ -36,7 +36,7 @@ def classifier() -> ImageClassifier:
 
 
 def monitor(**options) -> ExplanationMonitor:
-    return ExplanationMonitor(**{"num_probes": 3, "fame": FAME, **options})
+    return ExplanationMonitor(**{"num_probes": 3, "every_n_epochs": 1, "fame": FAME, **options})
 
 
 def trainer(root, callbacks, logger=None, **options) -> L.Trainer:
