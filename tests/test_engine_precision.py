@@ -60,16 +60,14 @@ def trained():
 def test_bf16_mixed_agrees_with_float32_on_a_trained_model(trained):
     model, images, labels = trained
     reference = explain_classification(model, images, labels, CONFIG)
-    for channels_last in (False, True):
-        maps = explain_classification(model, images, labels, CONFIG.replace(precision="bf16-mixed",
-                                                                            channels_last=channels_last))
-        agreement = map_agreement(maps, reference)
-        spearman = agreement["spearman"]
-        print(f"bf16-mixed channels_last={channels_last}: Spearman median {spearman.median():.4f}, "
-              f"5th percentile {spearman.quantile(0.05):.4f}, max |diff| {agreement['max_abs_difference'].max():.4f}")
-        assert spearman.median() >= 0.9
-        assert spearman.quantile(0.05) >= 0.7
-        assert maps.dtype == torch.float32
+    maps = explain_classification(model, images, labels, CONFIG.replace(precision="bf16-mixed", channels_last=True))
+    agreement = map_agreement(maps, reference)
+    spearman = agreement["spearman"]
+    print(f"bf16-mixed + channels-last: Spearman median {spearman.median():.4f}, "
+          f"5th percentile {spearman.quantile(0.05):.4f}, max |diff| {agreement['max_abs_difference'].max():.4f}")
+    assert spearman.median() >= 0.9
+    assert spearman.quantile(0.05) >= 0.7
+    assert maps.dtype == torch.float32
 
 
 def test_tf32_and_channels_last_in_float32_equal_the_reference_on_cpu(trained):
@@ -83,10 +81,11 @@ def test_tf32_and_channels_last_in_float32_equal_the_reference_on_cpu(trained):
 
 def test_16_mixed_runs_and_agrees_on_cpu(trained):
     model, images, labels = trained
-    reference = explain_classification(model, images[:4], labels[:4], CONFIG)
-    maps, stats = explain_classification(model, images[:4], labels[:4], CONFIG.replace(precision="16-mixed"),
+    config = CONFIG.replace(iterations=10)
+    reference = explain_classification(model, images[:2], labels[:2], config)
+    maps, stats = explain_classification(model, images[:2], labels[:2], config.replace(precision="16-mixed"),
                                          return_stats=True)
-    assert stats.iterations.tolist() == [20] * 4
+    assert stats.iterations.tolist() == [10] * 2
     assert map_agreement(maps, reference)["spearman"].median() >= 0.9
 
 
