@@ -394,9 +394,10 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
 
     context = ExitStack()
     context.enter_context(engine_arithmetic(config.precision, device))
-    if config.compile:
-        context.enter_context(torch._dynamo.config.patch(recompile_limit=max(
-            torch._dynamo.config.recompile_limit, batch.bit_length() + 2)))
+    if config.compile:  # one compiled graph per batch bucket: allow that many recompiles
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        context.enter_context(dynamo.patch(**{limit: max(getattr(dynamo, limit), batch.bit_length() + 2)}))
     with context:
         step_function = InputGradient(objective, config, batch, device, dtype)
         for step in range(int(config.iterations) + 1):
