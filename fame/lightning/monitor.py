@@ -204,7 +204,10 @@ class ExplanationMonitor(L.Callback):
         self.num_probes = int(num_probes)
         self.probe_ids = [str(i) for i in probe_ids] if probe_ids is not None else None
         self.every_n_epochs = int(every_n_epochs)
-        self.fame_options = {**MONITOR_FAME, **dict(fame or {})}
+        self.fame_options = {  # plain values: a config's lists (clamp) become tuples
+            key: tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+            for key, value in {**MONITOR_FAME, **dict(fame or {})}.items()
+        }
         self.loss = loss
         self.target = target
         self.baseline = baseline
