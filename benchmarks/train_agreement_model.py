@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-accuracy", type=float, default=None,
                         help="keep an existing checkpoint whose held-out accuracy reaches this")
+    parser.add_argument("--resume", action="store_true", help="continue from the weights in --out")
     parser.add_argument("--out", type=Path, default=CHECKPOINT)
     args = parser.parse_args()
 
@@ -79,7 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
     images, labels = (tensor.to(device) for tensor in shapes_batch(args.train_images, TRAIN_SEED))
     test_images, test_labels = (tensor.to(device) for tensor in shapes_batch(args.test_images, TEST_SEED))
-    model = build_model().to(device)
+    model = load_agreement_model(args.out, device).train() if args.resume else build_model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     steps = args.epochs * ((len(images) + args.batch_size - 1) // args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

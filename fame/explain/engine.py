@@ -346,7 +346,8 @@ class InputGradient:
             gradient = self._select(gradient, active)
             if not self.loss_scale.enabled:
                 return loss.detach(), gradient
-            if bool(torch.isfinite(gradient).all()):
+            if bool(torch.isfinite(gradient).all()) or not bool(torch.isfinite(loss).all()):
+                # (a non-finite loss is no overflow of the scale: lots_perturbation reports it)
                 self.loss_scale.step_done()
                 return loss.detach(), gradient / scale
             if not self.loss_scale.backoff():
