@@ -1,14 +1,20 @@
-"""python evaluate.py [key=value ...]: see configs/evaluate.yaml."""
+"""python evaluate.py [experiment=NAME] [sweep=INDEX] [key=value ...]: see configs/evaluate.yaml."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from fame import pipeline
+from fame.config import ConfigError
+from fame.stages import evaluate
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(config: DictConfig) -> None:
-    pipeline.evaluate(config)
+    try:
+        evaluate(config)
+    except ConfigError as error:
+        sys.exit(f"evaluate.py: {error}")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
 
 def test_evaluate_names_methods_missing_from_the_store(trained):
     output, _ = trained
-    explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer=[random]",
-                   f"store={output}/partial.zarr"))
+    explain(config("explain", output, "limit=6", "experiment=shapes", "explainer=[random]",
+                   f"store={output}/partial.zarr", "trainer.enable_progress_bar=false"))
     with pytest.warns(UserWarning, match="missing methods.*fame"):
         evaluate(config("evaluate", output, f"store={output}/partial.zarr", "methods=[fame,random]",
                         "logger.enabled=false", "families=[localization]", "grid_rows=0",

@@ -33,7 +33,7 @@ def limited(dataset: Optional[Dataset], limit: Optional[int]) -> Optional[Datase
 class ClassificationDataModule(L.LightningDataModule):
     """Train / val / test loaders over datasets yielding {"image", "label", "id", ...} dicts.
 
-    Training batches are shuffled (seeded) and get random horizontal flips of image and mask;
+    Training batches are shuffled (seeded) and get random horizontal flips of the image and its masks;
     ``limit`` caps every split for quick runs; ``pin_memory`` defaults to CUDA availability.
     """
 
@@ -73,7 +73,8 @@ class ClassificationDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.flip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(batch["image"].shape[0], device=batch["image"].device) < 0.5
-            for key in ("image", "mask"):
-                if key in batch:
-                    batch[key] = torch.where(flip.view(-1, 1, 1, 1), batch[key].flip(-1), batch[key])
+            size = batch["image"].shape[-2:]
+            for key, value in batch.items():  # the image and every mask of its size flip together
+                if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2:] == size:
+                    batch[key] = torch.where(flip.view(-1, 1, 1, 1), value.flip(-1), value)
         return batch

@@ -4,6 +4,8 @@ config -> data -> model -> explainer -> map store -> metrics -> report. The entr
 tests and the notebooks call these same functions.
 """
 
+from .evaluate import evaluate
+from .explain import explain
 from .train import train
 
-__all__ = ["train"]
+__all__ = ["evaluate", "explain", "train"]

@@ -43,14 +43,24 @@ EXPLAIN_SCHEMA = {
 }
 
 
+def selected_methods(config: DictConfig) -> Dict[str, Any]:
+    """The methods to run: the ``explainer`` entries with a ``name`` (their config file was selected).
+
+    Experiment files may tune a method that is not selected (e.g. FAME's blur for 64 px images);
+    such a fragment has no ``name`` and does not add the method.
+    """
+    return {key: options for key, options in (config.get("explainer") or {}).items()
+            if options is not None and "name" in options}
+
+
 def check_explain_config(config: DictConfig) -> None:
     """Validate the explain config, every method name and every FAME option before building anything."""
     validate(config, EXPLAIN_SCHEMA)
     task = config.data.task
-    if not config.get("explainer"):
+    if not selected_methods(config):
         raise ConfigError(f"no explainer selected; choose some of {method_names(task)}, e.g. explainer=[fame,gradcam]")
-    for name, options in config.explainer.items():
-        method = (options or {}).get("name", name)
+    for name, options in selected_methods(config).items():
+        method = options["name"]
         if method not in method_names(task):
             raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
         if method == "fame":
@@ -134,6 +144,22 @@ def verification_compute(method, options: Dict[str, Any]):
     return compute
 
 
+def pair_threshold(model: nn.Module, dataset, batch_size: int, device: torch.device = torch.device("cpu")):
+    """(threshold, EER) of the clean cosine similarities of every pair of ``dataset``: FGGB's theta
+    and the fixed decision threshold of the verification deletion / insertion protocol."""
+    from ..metrics.verification import eer_threshold
+
+    scores, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_items)
+    with torch.no_grad():
+        for batch in loader:
+            pair = [model(batch[side].to(device)) for side in ("gallery", "probe")]
+            scores.append(torch.nn.functional.cosine_similarity(*pair, dim=1).cpu())
+            labels.append(torch.as_tensor(batch["same"]).bool())
+    threshold, eer = eer_threshold(torch.cat(scores), torch.cat(labels))
+    return float(threshold), float(eer)
+
+
 def method_outputs(config: DictConfig) -> List[str]:
     if config.data.task == "classification":
         return [""]
@@ -159,12 +185,16 @@ def explain(config: DictConfig) -> MapStore:
     model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
                       else {"model": plain(config.model)})
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
+    model = explained_model(config)
     methods = []
-    for name, options in config.explainer.items():
-        function = get_method((options or {}).get("name", name), task)
+    for name, options in selected_methods(config).items():
+        function = get_method(options["name"], task)
         kwargs = method_options(options)
         settings = {"method": plain(options), "target": config.target, "input_space": config.input_space,
                     **model_identity}
+        if kwargs.get("threshold") == "eer":  # FGGB's theta: the EER threshold of these pairs' clean scores
+            kwargs["threshold"] = settings["eer_threshold"] = pair_threshold(model, dataset, config.batch_size)[0]
+            print(f"{name}: threshold = EER threshold of the clean scores, {kwargs['threshold']:.4f}")
         stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
                                          new_group=config.new_group, provenance=provenance)
         compute = (classification_compute(function, kwargs, config.target, config.input_space) if task == "classification"
@@ -181,7 +211,7 @@ def explain(config: DictConfig) -> MapStore:
     if trainer_options.get("enable_progress_bar", True):
         callbacks.append(ExplainProgressBar())
     trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **trainer_options)
-    module = ExplainModule(explained_model(config), methods, store.path)
+    module = ExplainModule(model, methods, store.path)
     trainer.predict(module, loader, return_predictions=False)
     if trainer.is_global_zero:
         print(f"{len(rows)} samples explained with {', '.join(m.name for m in methods)}; maps in {store.path}")

@@ -1,0 +1,309 @@
+"""evaluate.py: score every map of a store (localisation, ROAD, deletion/insertion, face verification),
+report mean and bootstrap CIs as CSV, markdown tables shaped like the paper's, curves and W&B.
+
+Every score is one row of a long table (method, metric, level, value, sample_id): ``level`` is the
+removal percentage / fraction of a curve, empty for scalar metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, Rule, plain, validate
+from ..data.modules import collate_items
+from ..lightning.explain import Indexed
+from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
+from ..metrics.localization import LOCALIZATION_METRICS
+from ..metrics.road import road_curve
+from ..metrics.verification import eer_threshold
+from ..provenance import checkpoint_digest
+from ..store import MapStore
+from ..viz import save_overlay_grid
+from .common import device_of
+from .explain import explained_dataset, explained_model, pair_threshold
+
+ROAD_ORDERS = {"morf": True, "lerf": False}
+ROAD_IMPUTATIONS = ("zero", "linear")
+FAMILIES = ("localization", "road", "deletion", "verification")
+
+EVALUATE_SCHEMA = {
+    "seed": Rule(int, minimum=0),
+    "device": Rule(str),
+    "exclude_empty": Rule(bool),
+    "bootstrap.resamples": Rule(int, minimum=10),
+    "bootstrap.confidence": Rule(float, minimum=0.5, maximum=0.999),
+    "grid_rows": Rule(int, minimum=0),
+}
+
+
+class MissingMapsWarning(UserWarning):
+    """Some requested methods are absent from the store or not complete."""
+
+
+def check_evaluate_config(config: DictConfig) -> None:
+    validate(config, EVALUATE_SCHEMA)
+    unknown = [family for family in config.families if family not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"config key 'families' has unknown entries {unknown}; allowed: {list(FAMILIES)}")
+    unknown = [name for name in config.localization.metrics if name not in LOCALIZATION_METRICS]
+    if unknown:
+        raise ConfigError(f"config key 'localization.metrics' has unknown entries {unknown}; allowed: {sorted(LOCALIZATION_METRICS)}")
+
+
+def store_config(config: DictConfig, store: MapStore) -> DictConfig:
+    """The evaluate config with the data, split and limit the store's maps were made for."""
+    meta = store.meta
+    merged = OmegaConf.merge(config, {"data": meta["data"], "split": meta.get("split", "test"),
+                                      "limit": meta.get("limit")})
+    return merged
+
+
+def complete_entries(store: MapStore, requested: Optional[Sequence[str]]) -> Tuple[List[str], List[str], np.ndarray]:
+    """(entries to score, methods missing or incomplete, rows complete in every scored entry)."""
+    methods = store.methods
+    missing = [m for m in (requested or []) if m not in methods]
+    chosen = [m for m in (requested or methods) if m in methods]
+    entries, incomplete = [], []
+    rows = np.ones(store.num_samples, dtype=bool)
+    for method in chosen:
+        outputs = store.outputs(method)
+        done = np.all([store.completed(entry) for entry in outputs], axis=0)
+        if not done.any():
+            incomplete.append(method)
+            continue
+        if not done.all():
+            incomplete.append(f"{method} ({int(done.sum())} of {len(done)} maps)")
+        entries.extend(outputs)
+        rows &= done
+    if missing or incomplete:
+        warnings.warn(
+            f"the store {store.path} lacks maps: missing methods {missing or 'none'}, incomplete {incomplete or 'none'}; "
+            "the report scores the samples every remaining method has (rerun explain.py to complete it)",
+            MissingMapsWarning, stacklevel=2)
+    return entries, missing + incomplete, np.flatnonzero(rows)
+
+
+def check_checkpoint(config: DictConfig, store: MapStore, entries: Sequence[str]) -> None:
+    """Refuse to score maps with a model other than the one they explain."""
+    if config.checkpoint is None:
+        return
+    digest = checkpoint_digest(config.checkpoint)
+    for entry in entries:
+        recorded = store.method_settings(entry).get("checkpoint_sha256")
+        if recorded is not None and recorded != digest:
+            raise ConfigError(
+                f"checkpoint={config.checkpoint} is not the model the maps of {entry!r} in {store.path} were made with "
+                f"(sha256 {digest[:12]} vs {recorded[:12]}); pass that checkpoint, or re-explain with this one")
+
+
+def _rows(method: str, metric: str, levels: Sequence[Any], values: Tensor, ids: Sequence[str]) -> List[Dict[str, Any]]:
+    """Long-table rows of per-sample values (B,) or curves (B, L) at ``levels``."""
+    values = values.detach().double().cpu()
+    if values.dim() == 1:
+        values = values.unsqueeze(1)
+        levels = [np.nan]
+    return [{"method": method, "metric": metric, "level": float(level), "value": float(values[b, k]), "sample_id": sid}
+            for b, sid in enumerate(ids) for k, level in enumerate(levels)]
+
+
+def localization_rows(config: DictConfig, entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequence[str],
+                      side: Optional[str]) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    keys = list(config.data.get("mask_keys") or [])
+    for position, key in enumerate(keys):
+        batch_key = f"{side}_{key}" if side and f"{side}_{key}" in batch else key
+        if batch_key not in batch:
+            continue
+        masks = batch[batch_key].to(maps.device)
+        suffix = "" if position == 0 else f"@{key}"
+        for name in config.localization.metrics:
+            rows += _rows(entry, f"{name}{suffix}", [], LOCALIZATION_METRICS[name](maps, masks), ids)
+    return rows
+
+
+def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
+                        targets: Tensor, ids: Sequence[str]) -> List[Dict[str, Any]]:
+    images = batch["image"]
+    rows: List[Dict[str, Any]] = []
+    if "road" in config.families:
+        percentages = list(config.road.percentages)
+        for order in config.road.orders:
+            for imputation in config.road.imputations:
+                generator = torch.Generator(device=images.device).manual_seed(config.seed)
+                curves = road_curve(model, images, maps, targets, percentages, ROAD_ORDERS[order], imputation,
+                                    generator=generator, batch_size=config.batch_size)
+                name = f"road_{order}_{imputation}"
+                rows += _rows(entry, f"{name}_logit_drop", percentages, curves.logit[:, :1] - curves.logit, ids)
+                rows += _rows(entry, f"{name}_probability", percentages, curves.probability, ids)
+                rows += _rows(entry, f"{name}_accuracy", percentages, curves.correct, ids)
+    if "deletion" in config.families:
+        fractions = list(config.deletion.fractions)
+        for mode in ("deletion", "insertion"):
+            curve = deletion_curve(model, images, maps, targets, fractions, mode, batch_size=config.batch_size)
+            rows += _rows(entry, mode, fractions, curve, ids)
+            rows += _rows(entry, f"{mode}_auc", [], curve_auc(curve, fractions), ids)
+    return rows
+
+
+def verification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
+                      threshold: float, ids: Sequence[str]) -> List[Dict[str, Any]]:
+    """Tab. 2: only the probe is perturbed, its top P% e+ pixels removed (deletion) or kept (insertion);
+    per pair: correct at the fixed EER threshold. The AUC of the accuracy curve is the mean of the
+    per-pair AUCs (the trapezoid rule is linear), so per-pair rows bootstrap correctly."""
+    percentages = list(config.verification.percentages)
+    same = torch.as_tensor(batch["same"], device=maps.device)
+    rows: List[Dict[str, Any]] = []
+    for mode in ("deletion", "insertion"):
+        curve = verification_curve(model, batch["gallery"], batch["probe"], same, maps, threshold, percentages,
+                                   mode, batch_size=config.batch_size)
+        rows += _rows(entry, f"verification_{mode}", percentages, curve.correct, ids)
+        auc = 100 * curve_auc(curve.correct, [p / 100 for p in percentages])
+        rows += _rows(entry, f"verification_{mode}_auc", [], auc, ids)
+    return rows
+
+
+def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict[str, Any]]:
+    """The long table of every score of every complete entry of the store, and what was left out."""
+    config = store_config(config, store)
+    task = store.meta["task"]
+    entries, missing, rows = complete_entries(store, config.methods)
+    if not entries:
+        raise ConfigError(f"the store {store.path} has no complete maps to evaluate (methods {store.methods})")
+    check_checkpoint(config, store, entries)
+    device = device_of(config.device)
+    dataset = explained_dataset(config)
+    model = explained_model(config).to(device)
+    excluded: Dict[str, List[str]] = {}
+    if config.exclude_empty:
+        for entry in entries:
+            stats = store.read_stats(entry)
+            empty = stats[stats["iterations"] == 0]["id"].astype(str).tolist()
+            if empty:
+                excluded[entry] = empty
+    loader = DataLoader(Subset(Indexed(dataset), rows.tolist()), batch_size=config.batch_size,
+                        collate_fn=collate_items, shuffle=False)
+    threshold = None
+    if task == "verification":
+        threshold, eer = pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
+        print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
+    records: List[Dict[str, Any]] = []
+    for batch in tqdm(loader, desc="evaluate", unit="batch"):
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        ids = [str(i) for i in batch["id"]]
+        targets = None
+        if task == "classification":
+            targets = torch.as_tensor(batch["label"], device=device)
+        for entry in entries:
+            if task == "classification" and store.method_settings(entry).get("target") == "prediction":
+                with torch.no_grad():
+                    targets = model(batch["image"]).argmax(dim=1)
+            keep = [k for k, sid in enumerate(ids) if sid not in set(excluded.get(entry, ()))]
+            if not keep:
+                continue
+            kept_ids = [ids[k] for k in keep]
+            maps = torch.from_numpy(store.read(entry, kept_ids)).unsqueeze(1).to(device)
+            part = {k: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == (len(ids),) else v) for k, v in batch.items()}
+            side = entry.split("/")[-1].split(".")[0] if task == "verification" else None
+            if "localization" in config.families:
+                records += localization_rows(config, entry, maps, part, kept_ids, side)
+            if task == "classification":
+                records += classification_rows(config, model, entry, maps, part, targets[keep], kept_ids)
+            elif "verification" in config.families and entry.endswith("probe.similar"):
+                records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
+    frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
+    context = {"missing": missing, "excluded": {k: len(v) for k, v in excluded.items()}, "entries": entries,
+               "task": task, "threshold": threshold, "dataset": dataset, "rows": rows}
+    return frame, context
+
+
+def evaluate(config: DictConfig) -> pd.DataFrame:
+    """Score the store (or every store of a sweep index) and write the reports; returns the long table."""
+    check_evaluate_config(config)
+    if config.get("sweep"):
+        return evaluate_sweep(config)
+    from .. import report
+
+    store = MapStore(config.store)
+    frame, context = score_store(config, store)
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(output / "scores.csv", index=False)
+    summary = report.summarize(frame, confidence=config.bootstrap.confidence, resamples=config.bootstrap.resamples,
+                               seed=config.seed)
+    summary.to_csv(output / "summary.csv", index=False)
+    table = report.markdown_table(summary, missing_methods=context["missing"], excluded=context["excluded"])
+    (output / "metrics.md").write_text(table)
+    figures = {}
+    for prefix in ("road_morf", "road_lerf", "deletion", "insertion", "verification_deletion", "verification_insertion"):
+        if frame["metric"].str.startswith(prefix).any():
+            figures[prefix] = report.plot_curves(summary, prefix, output / f"curves_{prefix}.png")
+    figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
+    print(table)
+    print(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
+    log_to_wandb(config, summary, table, figures)
+    return frame
+
+
+def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Example maps of every scored entry on the first ``grid_rows`` samples."""
+    count = min(config.grid_rows, len(context["rows"]))
+    if count == 0:
+        return None
+    dataset, rows = context["dataset"], context["rows"][:count]
+    items = [dataset[int(r)] for r in rows]
+    ids = [str(item["id"]) for item in items]
+    key = "image" if context["task"] == "classification" else "probe"
+    shown = [e for e in context["entries"] if context["task"] == "classification" or e.split("/")[-1].startswith("probe.")]
+    mask_keys = list(store_config(config, store).data.get("mask_keys") or [])
+    mask_key = next((k for k in (f"probe_{m}" if key == "probe" else m for m in mask_keys) if k in items[0]), None)
+    return save_overlay_grid([item[key] for item in items], {e: torch.from_numpy(store.read(e, ids)) for e in shown},
+                             path, row_titles=ids, masks=[item[mask_key] for item in items] if mask_key else None)
+
+
+def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures: Dict[str, Optional[Path]]) -> None:
+    """The summary table, the curves and the example grid to W&B (offline by default)."""
+    if not config.logger.get("enabled", True):
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", config.logger.mode)
+    run = wandb.init(project=config.logger.project, name=config.logger.get("name") or "evaluate", job_type="evaluate",
+                     dir=str(config.paths.output_dir), mode=config.logger.mode, config=plain(config))
+    logged = {"summary": wandb.Table(dataframe=summary.astype({"level": str}))}
+    logged.update({name: wandb.Image(str(path)) for name, path in figures.items() if path is not None})
+    run.log(logged)
+    run.summary["report"] = table
+    run.finish()
+
+
+def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
+    """Every store of a sweep index scored; a table and a plot of each metric against the swept values."""
+    from .. import report
+
+    entries = report.read_sweep_index(config.sweep)
+    if not entries:
+        raise ConfigError(f"the sweep index {config.sweep} lists no stores; run explain.py -m first")
+    frames = {}
+    for entry in entries:
+        label = ", ".join(f"{k}={v}" for k, v in entry["overrides"].items() if k != "store") or entry["store"]
+        frame, _ = score_store(config, MapStore(entry["store"]))
+        frames[label] = frame
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    table = report.sweep_table(frames, "setting")
+    table.to_csv(output / "sweep.csv", index=False)
+    report.plot_sweep(table, "setting", output / "sweep.png")
+    print(table.to_string())
+    print(f"wrote {output / 'sweep.csv'} and {output / 'sweep.png'}")
+    return pd.concat([f.assign(setting=label) for label, f in frames.items()], ignore_index=True)
