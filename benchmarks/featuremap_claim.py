@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2400)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--max-minutes", type=float, default=6.0, help="training time limit")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="training time limit")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--blur-kernel", type=int, default=15)
