@@ -109,7 +109,7 @@ def main() -> None:
     state = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in model.state_dict().items()}
     torch.save({"state_dict": state, "arch": "resnet18", "num_classes": CLASSES, "image_size": IMAGE_SIZE,
                 "data": f"ShapesDataset(seed={TRAIN_SEED}, image_size={IMAGE_SIZE})",
-                "held_out_accuracy": test_accuracy, "torch": torch.__version__}, args.out)
+                "held_out_accuracy": test_accuracy, "torch": str(torch.__version__)}, args.out)
     print(f"held-out accuracy {test_accuracy:.3f}; wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
 
 
