@@ -76,3 +76,41 @@ def save_overlay_grid(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
+    """Curves of a training run's CSV log against the epoch: accuracies (train, val and their gap)
+    beside the explanation monitor's relevance mass and pointing game per method and mask.
+
+    Returns None when the log holds no monitor scalars.
+    """
+    import pandas as pd
+
+    frame = pd.read_csv(metrics_csv)
+    monitor = sorted(c for c in frame.columns if c.startswith("monitor/") and ("relevance_mass" in c or "pointing_game" in c))
+    if not monitor or "epoch" not in frame.columns:
+        return None
+    per_epoch = frame.groupby("epoch").mean(numeric_only=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for column, label in (("train/acc_epoch", "train accuracy"), ("val/acc", "validation accuracy")):
+        if column in per_epoch:
+            left.plot(per_epoch.index, per_epoch[column], marker="o", label=label)
+    if {"train/acc_epoch", "val/acc"} <= set(per_epoch.columns):
+        gap = per_epoch["train/acc_epoch"] - per_epoch["val/acc"]
+        left.plot(per_epoch.index, gap, marker="o", linestyle="--", label="train - validation")
+    left.set_xlabel("epoch")
+    left.set_title("accuracy")
+    left.legend()
+    for column in monitor:
+        values = per_epoch[column].dropna()
+        style = "-" if "relevance_mass" in column else ":"
+        right.plot(values.index, values, marker="o", linestyle=style, label=column.removeprefix("monitor/"))
+    right.set_xlabel("epoch")
+    right.set_title("explanation monitor (probes of the validation set)")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -51,7 +51,8 @@ class ImageClassifier(L.LightningModule):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.save_hyperparameters()
-        self.model = build_classification_model(model)
+        # build_classifier hands out networks in eval mode; Lightning keeps submodule modes as found.
+        self.model = build_classification_model(model).train()
         classes = self._num_classes()
         # ModuleDict keys may not shadow nn.Module attributes ("train"): the stage name is a suffix.
         self.top1 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=1) for s in ("train", "val", "test")})

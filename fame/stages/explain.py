@@ -167,11 +167,16 @@ def method_outputs(config: DictConfig) -> List[str]:
 
 
 def explain(config: DictConfig) -> MapStore:
-    """Explain the dataset of ``config.data`` with every method of ``config.explainer``.
+    """Explain the dataset of ``config.data`` with every method of ``config.explainer``
+    (or, when ``config.featuremap`` is set, run the feature-map experiment instead).
 
     Rows already in the store with the same settings are skipped; a store made with other settings
     is refused (or, with ``new_group=true``, the maps go to ``<method>@2``...). Returns the store.
     """
+    if config.get("featuremap"):
+        from .featuremap import featuremap
+
+        return featuremap(config)
     check_explain_config(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     task = config.data.task

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import ConfigError, Rule, config_digest, instantiate, lookup, plain, validate
+from ..viz import save_monitor_curves
 from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
 
 FINISHED = "FINISHED"
@@ -144,6 +145,9 @@ def train(config: DictConfig) -> Dict[str, float]:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / "model.ckpt", checkpoint)
         (run_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics))
+        curves = save_monitor_curves(run_dir / "csv" / "metrics.csv", run_dir / "monitor_curves.png")
+        if curves is not None:
+            print(f"explanation monitor curves: {curves}")
         (run_dir / FINISHED).write_text("")
     finish_wandb(wandb)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
