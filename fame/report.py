@@ -286,6 +286,13 @@ def _save(figure, path: Union[str, Path]) -> Path:
     return path
 
 
+def _panel_grid(count: int):
+    """A figure with ``count`` panels, three per row."""
+    columns = min(3, count)
+    rows = math.ceil(count / columns)
+    return plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+
+
 def plot_curves(summary: pd.DataFrame, metric_prefix: str, path: Union[str, Path],
                 methods: Optional[Sequence[str]] = None) -> Path:
     """PNG of every curve metric whose name starts with ``metric_prefix``: one panel per metric.
@@ -299,9 +306,7 @@ def plot_curves(summary: pd.DataFrame, metric_prefix: str, path: Union[str, Path
         available = sorted(summary.loc[summary["level"].notna(), "metric"].unique())
         raise ValueError(f"no curve metric starts with {metric_prefix!r}; curve metrics in the summary: {available}")
     methods = list(methods) if methods is not None else list(dict.fromkeys(curves["method"]))
-    columns = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = _panel_grid(len(metrics))
     for axis, metric in zip(axes.flat, metrics):
         for method in methods:
             line = curves[(curves["metric"] == metric) & (curves["method"] == method)].sort_values("level")
@@ -387,9 +392,7 @@ def plot_sweep(table: pd.DataFrame, parameter: str, path: Union[str, Path],
     positions, ticks, label = _sweep_axis(values, parameter)
     where = dict(zip(values, positions))
     methods = list(methods) if methods is not None else list(dict.fromkeys(scalars["method"]))
-    columns = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = _panel_grid(len(metrics))
     for axis, metric in zip(axes.flat, metrics):
         for method in methods:
             line = scalars[(scalars["metric"] == metric) & (scalars["method"] == method)]
