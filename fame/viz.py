@@ -79,38 +79,44 @@ def save_overlay_grid(
 
 
 def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
-    """Curves of a training run's CSV log against the epoch: accuracies (train, val and their gap)
-    beside the explanation monitor's relevance mass and pointing game per method and mask.
+    """Curves of a training run's CSV log against the epoch: accuracies (train, validation, their
+    gap), then the explanation monitor's pointing game and relevance mass per method and mask.
 
     Returns None when the log holds no monitor scalars.
     """
     import pandas as pd
 
     frame = pd.read_csv(metrics_csv)
-    monitor = sorted(c for c in frame.columns if c.startswith("monitor/") and ("relevance_mass" in c or "pointing_game" in c))
-    if not monitor or "epoch" not in frame.columns:
+    panels = {name: sorted(c for c in frame.columns if c.startswith("monitor/") and f"/{name}/" in c)
+              for name in ("pointing_game", "relevance_mass")}
+    if not any(panels.values()) or "epoch" not in frame.columns:
         return None
     per_epoch = frame.groupby("epoch").mean(numeric_only=True)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for column, label in (("train/acc_epoch", "train accuracy"), ("val/acc", "validation accuracy")):
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    accuracy = axes[0]
+    for column, label in (("train/acc_epoch", "train accuracy"), ("val/acc", "validation accuracy"),
+                          ("val/acc_mean", "verification accuracy (10-fold)")):
         if column in per_epoch:
-            left.plot(per_epoch.index, per_epoch[column], marker="o", label=label)
+            values = per_epoch[column].dropna()
+            accuracy.plot(values.index, values, marker="o", label=label)
     if {"train/acc_epoch", "val/acc"} <= set(per_epoch.columns):
         gap = per_epoch["train/acc_epoch"] - per_epoch["val/acc"]
-        left.plot(per_epoch.index, gap, marker="o", linestyle="--", label="train - validation")
-    left.set_xlabel("epoch")
-    left.set_title("accuracy")
-    left.legend()
-    for column in monitor:
-        values = per_epoch[column].dropna()
-        style = "-" if "relevance_mass" in column else ":"
-        right.plot(values.index, values, marker="o", linestyle=style, label=column.removeprefix("monitor/"))
-    right.set_xlabel("epoch")
-    right.set_title("explanation monitor (probes of the validation set)")
-    right.legend(fontsize=7)
+        accuracy.plot(per_epoch.index, gap, marker="o", linestyle="--", label="train - validation")
+    accuracy.set_title("accuracy")
+    accuracy.legend(fontsize=8)
+    for axis, (name, columns) in zip(axes[1:], panels.items()):
+        for column in columns:
+            values = per_epoch[column].dropna()
+            method, _, mask = column.removeprefix("monitor/").partition(f"/{name}/")
+            axis.plot(values.index, values, marker="o", linestyle="-" if method == "fame" else ":",
+                      label=f"{method} on {mask}")
+        axis.set_title(f"monitor: {name.replace('_', ' ')} (validation probes)")
+        axis.legend(fontsize=8)
+    for axis in axes:
+        axis.set_xlabel("epoch")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
