@@ -24,9 +24,8 @@ from ..config import ConfigError, Rule, plain, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
 from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
-from ..metrics.localization import LOCALIZATION_METRICS
+from ..metrics.localization import LOCALIZATION_METRICS, boxes_to_masks
 from ..metrics.road import road_curve
-from ..metrics.verification import eer_threshold
 from ..provenance import checkpoint_digest
 from ..store import MapStore
 from ..viz import save_overlay_grid
@@ -123,9 +122,12 @@ def localization_rows(config: DictConfig, entry: str, maps: Tensor, batch: Dict[
     keys = list(config.data.get("mask_keys") or [])
     for position, key in enumerate(keys):
         batch_key = f"{side}_{key}" if side and f"{side}_{key}" in batch else key
-        if batch_key not in batch:
+        if key == "box_mask" and "boxes" in batch:  # ImageNet boxes, already mapped through resize/crop
+            masks = boxes_to_masks(batch["boxes"], tuple(maps.shape[-2:])).to(maps.device)
+        elif batch_key in batch:
+            masks = batch[batch_key].to(maps.device)
+        else:
             continue
-        masks = batch[batch_key].to(maps.device)
         suffix = "" if position == 0 else f"@{key}"
         for name in config.localization.metrics:
             rows += _rows(entry, f"{name}{suffix}", [], LOCALIZATION_METRICS[name](maps, masks), ids)
@@ -173,6 +175,15 @@ def verification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Te
     return rows
 
 
+def select_samples(value: Any, keep: List[int], size: int) -> Any:
+    """The entries ``keep`` of one batch field (a tensor or a per-sample list); other values as they are."""
+    if isinstance(value, Tensor) and value.shape[:1] == (size,):
+        return value[keep]
+    if isinstance(value, (list, tuple)) and len(value) == size:
+        return [value[k] for k in keep]
+    return value
+
+
 def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     """The long table of every score of every complete entry of the store, and what was left out."""
     config = store_config(config, store)
@@ -213,7 +224,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
                 continue
             kept_ids = [ids[k] for k in keep]
             maps = torch.from_numpy(store.read(entry, kept_ids)).unsqueeze(1).to(device)
-            part = {k: (v[keep] if isinstance(v, Tensor) and v.shape[:1] == (len(ids),) else v) for k, v in batch.items()}
+            part = {k: select_samples(v, keep, len(ids)) for k, v in batch.items()}
             side = entry.split("/")[-1].split(".")[0] if task == "verification" else None
             if "localization" in config.families:
                 records += localization_rows(config, entry, maps, part, kept_ids, side)
