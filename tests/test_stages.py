@@ -104,6 +104,25 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
     assert (report / "overlays.png").stat().st_size > 1000 and (report / "curves_road_morf.png").exists()
 
 
+def test_evaluate_over_a_sweep_index_tables_each_metric_against_the_swept_value(trained):
+    from fame.report import write_sweep_entry
+
+    output, _ = trained
+    index = output / "sweep" / "sweep.jsonl"
+    for iterations in (2, 4):
+        store = output / "sweep" / str(iterations) / "maps.zarr"
+        explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer=[fame]", f"store={store}",
+                       f"explainer.fame.iterations={iterations}"))
+        write_sweep_entry(index, store, {"explainer": "[fame]", "explainer.fame.iterations": str(iterations)})
+    scores = evaluate(config("evaluate", output, f"sweep={index}", "families=[localization]", "logger.enabled=false",
+                             f"output_dir={output}/sweep_report", "bootstrap.resamples=20",
+                             "exclude_empty=false"))  # the one-epoch model leaves most margins below 0
+    assert sorted(scores["explainer.fame.iterations"].unique()) == [2, 4]
+    table = pd.read_csv(output / "sweep_report" / "sweep.csv")
+    assert {"explainer.fame.iterations", "metric", "mean"} <= set(table.columns)
+    assert (output / "sweep_report" / "sweep.png").exists()
+
+
 def test_evaluate_names_methods_missing_from_the_store(trained):
     output, _ = trained
     explain(config("explain", output, "limit=6", "experiment=shapes", "explainer=[random]",
@@ -113,6 +132,33 @@ def test_evaluate_names_methods_missing_from_the_store(trained):
                         "logger.enabled=false", "families=[localization]", "grid_rows=0",
                         f"output_dir={output}/partial_report", "bootstrap.resamples=20"))
     assert "fame" in (output / "partial_report" / "metrics.md").read_text()
+
+
+def test_explain_batch_size_auto(trained):
+    output, _ = trained
+    store = explain(config("explain", output, "limit=3", "batch_size=auto", "explainer=[fame]", "experiment=shapes",
+                           "explainer.fame.iterations=2", f"store={output}/auto.zarr", "trainer.enable_progress_bar=false"))
+    assert store.completed("fame").all()
+
+
+def test_faces_experiment_end_to_end(tmp_path):
+    """ArcFace training, e+ / e- maps of both sides of each pair with every face method, Tab. 2 scores."""
+    metrics = train(config("train", tmp_path, "experiment=faces", "limit=48", "trainer.max_epochs=1",
+                           "data.datamodule.training.batch_size=16", "data.datamodule.verification.synthetic.limit=20",
+                           "module.folds=2", "logger.enabled=false", "trainer.enable_progress_bar=false"))
+    assert "val/synthetic/acc" in metrics and "val/synthetic/eer" in metrics
+    store = explain(config("explain", tmp_path, "experiment=faces", "limit=4", "batch_size=4",
+                           "explainer.fame.iterations=2", "explainer.corrrise.masks=8", "trainer.enable_progress_bar=false"))
+    assert set(store.methods) == {"fame", "gradcam", "random", "corrrise", "fggb"}
+    for side in ("probe", "gallery"):
+        for output in ("similar", "dissimilar"):
+            maps = store.read(f"fame/{side}.{output}")
+            assert maps.shape == (4, 64, 64) and maps.min() >= 0 and maps.max() <= 1
+    assert -1.0 <= store.method_settings("fggb")["eer_threshold"] <= 1.0  # threshold: eer, from the clean pair scores
+    scores = evaluate(config("evaluate", tmp_path, "experiment=faces", "logger.enabled=false", "grid_rows=2",
+                             "verification.percentages=[0,50,100]", "bootstrap.resamples=20"))
+    assert {"verification_deletion_auc", "verification_insertion_auc", "relevance_mass"} <= set(scores["metric"])
+    assert "Deletion AUC" in (tmp_path / "evaluate" / "metrics.md").read_text()
 
 
 def _run(script, *overrides, **popen):
@@ -155,7 +201,6 @@ def test_train_skips_a_truncated_checkpoint(tmp_path):
     assert readable_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 
-@pytest.mark.slow
 def test_explain_cli_on_two_cpu_processes_equals_one(trained, tmp_path):
     """python explain.py trainer=cpu_ddp: two gloo processes write the maps of one, each id once."""
     output, _ = trained

@@ -305,16 +305,22 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     entries = report.read_sweep_index(config.sweep)
     if not entries:
         raise ConfigError(f"the sweep index {config.sweep} lists no stores; run explain.py -m first")
+    varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
+               if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
+    parameter = varying[0] if len(varying) == 1 else "setting"
     frames = {}
     for entry in entries:
-        label = ", ".join(f"{k}={v}" for k, v in entry["overrides"].items() if k != "store") or entry["store"]
+        overrides = entry["overrides"]
+        value = (overrides.get(parameter) if parameter != "setting"
+                 else ", ".join(f"{k}={overrides.get(k)}" for k in varying) or entry["store"])
         frame, _ = score_store(config, MapStore(entry["store"]))
-        frames[label] = frame
+        frames[value] = frame
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    table = report.sweep_table(frames, "setting")
+    table = report.sweep_table(frames, parameter, confidence=config.bootstrap.confidence,
+                               resamples=config.bootstrap.resamples, seed=config.seed)
     table.to_csv(output / "sweep.csv", index=False)
-    report.plot_sweep(table, "setting", output / "sweep.png")
+    report.plot_sweep(table, parameter, output / "sweep.png")
     print(table.to_string())
     print(f"wrote {output / 'sweep.csv'} and {output / 'sweep.png'}")
-    return pd.concat([f.assign(setting=label) for label, f in frames.items()], ignore_index=True)
+    return pd.concat([f.assign(**{parameter: value}) for value, f in frames.items()], ignore_index=True)
