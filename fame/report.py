@@ -208,7 +208,10 @@ def _table(summary: pd.DataFrame, columns: Sequence[Column], methods: Sequence[s
     lines = ["| method | " + " | ".join(column.label for column in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for method in methods:
-        cells = [_cell(lookup.get((method, c.metric, c.level)), c.scale, digits) for c in columns]
+        rows = [lookup.get((method, c.metric, c.level)) for c in columns]
+        if all(row is None for row in rows):  # e.g. the e- maps in the e+ deletion table
+            continue
+        cells = [_cell(row, c.scale, digits) for row, c in zip(rows, columns)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -245,7 +248,7 @@ def markdown_table(
         sections.append(_table(summary, [_as_column(spec) for spec in metrics], methods, digits))
     else:
         shown = set()
-        for title, preset in (("Classification (paper Tab. 1)", TABLE1_COLUMNS),
+        for title, preset in (("Localisation and faithfulness (paper Tab. 1)", TABLE1_COLUMNS),
                               ("Face verification (paper Tab. 2)", TABLE2_COLUMNS)):
             columns = _present(summary, preset)
             if columns:

@@ -122,7 +122,7 @@ def test_summary_of_ten_thousand_samples_and_twenty_metrics_runs():
 def test_markdown_table_is_shaped_like_the_paper_with_notes():
     summary = summarize(scores(), resamples=200)
     table = markdown_table(summary, missing_methods=["rise"], excluded={"fame": 4, "gradcam": 0})
-    assert "### Classification (paper Tab. 1)" in table
+    assert "### Localisation and faithfulness (paper Tab. 1)" in table
     header = next(line for line in table.splitlines() if line.startswith("| method | IoU"))
     assert "IoU@0.3 ×100" in header and "IoU@0.5 ×100" in header and "IoU@0.7" not in header  # absent: left out
     assert "ROAD MoRF zero" in header and "ROAD LeRF linear" in header and "Deletion AUC ×100" in header

@@ -196,12 +196,16 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     dataset = explained_dataset(config)
     model = explained_model(config).to(device)
     excluded: Dict[str, List[str]] = {}
-    if config.exclude_empty:
+    if config.exclude_empty:  # every method is scored on the same samples: drop the union
         for entry in entries:
             stats = store.read_stats(entry)
             empty = stats[stats["iterations"] == 0]["id"].astype(str).tolist()
             if empty:
                 excluded[entry] = empty
+    left_out = sorted({sample for ids in excluded.values() for sample in ids})
+    if len(left_out) == len(rows):
+        raise ConfigError(f"FAME took no step on any of the {len(rows)} samples, so every one would be left out; "
+                          "pass exclude_empty=false to score them anyway")
     loader = DataLoader(Subset(Indexed(dataset), rows.tolist()), batch_size=config.batch_size,
                         collate_fn=collate_items, shuffle=False)
     threshold = None
@@ -219,7 +223,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             if task == "classification" and store.method_settings(entry).get("target") == "prediction":
                 with torch.no_grad():
                     targets = model(batch["image"]).argmax(dim=1)
-            keep = [k for k, sid in enumerate(ids) if sid not in set(excluded.get(entry, ()))]
+            keep = [k for k, sid in enumerate(ids) if sid not in set(left_out)]
             if not keep:
                 continue
             kept_ids = [ids[k] for k in keep]
@@ -233,7 +237,10 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             elif "verification" in config.families and entry.endswith("probe.similar"):
                 records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
-    context = {"missing": missing, "excluded": {k: len(v) for k, v in excluded.items()}, "entries": entries,
+    if left_out:
+        print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
+              f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
+    context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
                "task": task, "threshold": threshold, "dataset": dataset, "rows": rows}
     return frame, context
 
