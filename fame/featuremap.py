@@ -93,6 +93,10 @@ def outside_cell_mass(
     return share.float().cpu()
 
 
+#: Cells blurred at once by :func:`cell_floor`.
+CELL_CHUNK = 16
+
+
 def cell_floor(h: int, w: int, H: int, W: int, config: Optional[FameConfig] = None) -> Tensor:
     """Outside share (h * w,) that a map equal to its CAM cell would have after FAME's blur and normalization.
 
@@ -100,12 +104,17 @@ def cell_floor(h: int, w: int, H: int, W: int, config: Optional[FameConfig] = No
     post-processing (``config``'s blur and normalization) allows: read the measured share against it.
     """
     config = config or FameConfig()
-    boxes = cam_cells(h, w, H, W)
-    cells = torch.zeros(h * w, 1, H, W, dtype=torch.float64)
-    for index, (top, left, bottom, right) in enumerate(boxes.tolist()):
-        cells[index, 0, top:bottom, left:right] = 1.0
-    maps = normalize_maps(blur_maps(cells, config.odd_blur_kernel, config.blur_sigma), config.normalization)
-    return outside_cell_mass(maps, h, w)
+    boxes = cam_cells(h, w, H, W).tolist()
+    shares = []
+    for start in range(0, len(boxes), CELL_CHUNK):  # the float64 blur unfolds: bound its memory
+        chunk = boxes[start : start + CELL_CHUNK]
+        cells = torch.zeros(len(chunk), 1, H, W, dtype=torch.float64)
+        for index, (top, left, bottom, right) in enumerate(chunk):
+            cells[index, 0, top:bottom, left:right] = 1.0
+        maps = normalize_maps(blur_maps(cells, config.odd_blur_kernel, config.blur_sigma), config.normalization)
+        locations = torch.arange(start, start + len(chunk))
+        shares.append(outside_cell_mass(maps, h, w, torch.stack([locations // w, locations % w], dim=1)))
+    return torch.cat(shares)
 
 
 def _draw_square(tile: np.ndarray, box: Tuple[int, int, int, int], colour, width: int) -> None:

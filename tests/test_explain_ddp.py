@@ -55,7 +55,6 @@ def test_two_forked_ranks_match_one_process(tmp_path):
     check_against_single_process(tmp_path, store, trace)
 
 
-@pytest.mark.slow
 def test_two_launched_ranks_match_one_process(tmp_path):
     """``ddp`` as on a cluster: Lightning starts rank 1 by running the script again; both create the
     store and begin the methods at the same time."""

@@ -24,15 +24,6 @@ EMBEDDING = 24
 IDENTITIES = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The suite shares two cores: one intra-op thread is much faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def face_data(pair_batch_size=4):
     """8 training identities x 4 images; two verification sets on 6 other identities, odd pair counts."""
     faces = SyntheticFaces(num_identities=IDENTITIES, images_per_identity=4, size=32, seed=0)
@@ -252,7 +243,6 @@ def test_pair_keys_are_stable_and_distinct():
     assert len({pair_key(f"lfw/{index}") for index in range(1000)}) == 1000
 
 
-@pytest.mark.slow
 def test_two_process_ddp_validation_equals_one_process():
     """gloo, 2 ranks: 21 and 13 pairs (odd), so DistributedSampler repeats a pair on the second rank."""
     model, data = recognizer(), face_data()

@@ -15,15 +15,6 @@ from fame.metrics.faithfulness import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Many small tensor ops: one thread avoids OpenMP stalls on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RegionSum(nn.Module):
     """Two-class model: logit 0 is the sum of the pixels inside ``region``, logit 1 is 0."""
 

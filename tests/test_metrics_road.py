@@ -12,14 +12,6 @@ from fame.metrics.road import noisy_linear_impute, road_curve, solve_linear_impu
 from test_metrics_faithfulness import RegionSum, region_toy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Many small tensor ops: one thread avoids OpenMP stalls on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 NEIGHBOURS = [((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
               for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 

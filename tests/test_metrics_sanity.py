@@ -13,15 +13,6 @@ from fame.metrics.sanity import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Many small tensor ops: one thread avoids OpenMP stalls on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_classifier():
     torch.manual_seed(0)
     return nn.Sequential(

@@ -13,14 +13,6 @@ from fame.models.onnx import has_baked_normalization
 NETWORK = {"input_size": 32, "widths": (8, 16, 16, 32), "embedding_size": 24}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_looking(embedder):
     """Random weights and BatchNorm statistics, so a wrong key or normalization shows in the output."""
     generator = torch.Generator().manual_seed(0)

@@ -24,15 +24,6 @@ SCALARS = ("monitor/fame/relevance_mass/watermark", "monitor/fame/pointing_game/
            "monitor/fame/deletion_auc", "monitor/gradcam/relevance_mass/watermark")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run fastest on one thread, and the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shortcut_data() -> ClassificationDataModule:
     return ClassificationDataModule(train=ShortcutShapesDataset(32, image_size=32, seed=1, strength=0.9),
                                     val=ShortcutShapesDataset(8, image_size=32, seed=2, strength=0.0),

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 
 from fame.data import ShortcutShapesDataset
@@ -35,7 +34,6 @@ def validate_with_monitors(out: Path, **trainer_options) -> list:
     return [{"history": m.history, "maps": m.previous_maps} for m in monitors]
 
 
-@pytest.mark.slow  # two processes start Lightning: about 80 s on two busy cores
 def test_ddp_gathers_every_probe_once_with_the_single_process_maps(tmp_path):
     launched = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
                               cwd=Path(__file__).parent.parent)

@@ -142,15 +142,6 @@ def _tiny_cnn(classes: int) -> nn.Module:
     )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions train fastest on one thread, and a busy machine makes two threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_tiny_cnn_learns_the_identities_in_seconds(one_thread):
     identities, per_identity, train_images = 6, 30, 24
     faces = SyntheticFaces(num_identities=identities, images_per_identity=per_identity, size=32, seed=11)

@@ -161,7 +161,7 @@ def build_classifier(
                 f"{name} weights {str(weights)!r} are neither a file nor a torchvision weights name "
                 f"(choose from {', '.join(weights_enum.__members__)} or DEFAULT)."
             )
-        state_dict = state_dict_in(load_checkpoint(path, trust=trust), source=str(path), wrappers=("model",))
+        state_dict = state_dict_in(load_checkpoint(path, trust=trust), source=str(path), wrappers=("model", "state_dict"))
         load_state_dict_strictly(
             net,
             strip_prefix(state_dict, "module."),

@@ -160,6 +160,22 @@ def pair_threshold(model: nn.Module, dataset, batch_size: int, device: torch.dev
     return float(threshold), float(eer)
 
 
+def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]) -> int:
+    """``batch_size=auto``: the largest batch of FAME iterations that fits the device's free memory
+    (``fame.explain.batching.find_batch_size``), for the first method's FAME settings."""
+    from ..explain.batching import find_batch_size
+
+    fame = selected_methods(config).get("fame")
+    fame_config = check_fame_options(fame, "explainer.fame") if fame is not None else None
+    image = sample["image" if config.data.task == "classification" else "probe"]
+    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+                          else "cpu")
+    size = find_batch_size(model.to(device), tuple(image.shape), fame_config, device)
+    model.cpu()
+    print(f"batch_size=auto: {size} samples per batch on {device}")
+    return size
+
+
 def method_outputs(config: DictConfig) -> List[str]:
     if config.data.task == "classification":
         return [""]
@@ -209,7 +225,8 @@ def explain(config: DictConfig) -> MapStore:
     if len(rows) == 0:
         print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
         return store
-    loader = DataLoader(rows, batch_size=config.batch_size, shuffle=False, collate_fn=collate_items,
+    batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
                         num_workers=config.get("num_workers", 0))
     trainer_options = plain(config.trainer)
     callbacks = [MapWriter(store.path)]
