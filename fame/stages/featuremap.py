@@ -2,7 +2,7 @@
 
 For a few images: FAME's feature-map loss at every location (or an evenly spaced sub-grid) of each
 configured layer, the share of each location's map mass outside its CAM cell per layer, and the
-tiled sheet of the sheet layer with each cell's CAM square marked.
+tiled sheet of every location of the sheet layer with each cell's CAM square marked.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
         "Share of each location's FAME mass outside its CAM cell (cell_floor: a map equal to its cell after "
         "the same blur; uniform: 1 - 1/(h*w))\n\n" + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     height, width = feature_map_size(model, settings.sheet_layer, images[:1])
-    locations = subset_grid(height, width, settings.max_locations)
+    locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
         maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
         scale = max(1, 512 // (item["image"].shape[-1] * width))
