@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from fame.models import build_face_model
 from fame.models.export import export_state_dict
 from fame.stages import evaluate, explain, train
-from test_data_imagenet import CASES, rectangle_image, write_image, write_mapping, write_solution_csv
+from test_data_imagenet import imagenet, write_image  # noqa: F401  (imagenet: the fixture of tiny LOC files)
 from test_data_recordio import pack, png, write_recordio
 from test_data_verification import python2_pickle
 
@@ -69,14 +69,8 @@ def test_ms1m_trains_on_recordio_and_verifies_on_bin_sets(tmp_path):
     assert torch.load(tmp_path / "train" / "model.ckpt", weights_only=True)["hyper_parameters"]["num_classes"] == 4
 
 
-def test_imagenet_explains_and_scores_boxes(tmp_path):
-    images = tmp_path / "val"
-    rows = {}
-    for image_id, (width, height, box, wnid, extension) in CASES.items():
-        write_image(images / f"{image_id}{extension}", rectangle_image(width, height, box))
-        rows[image_id] = [(wnid, box)]
-    mapping = write_mapping(tmp_path / "LOC_synset_mapping.txt")
-    solution = write_solution_csv(tmp_path / "LOC_val_solution.csv", rows)
+def test_imagenet_explains_and_scores_boxes(tmp_path, imagenet):  # noqa: F811  (the imported fixture)
+    images, mapping, solution = imagenet
     data = [f"data.root={images}", f"data.synsets={mapping}", f"data.annotations={solution}", "data.datamodule.num_workers=0"]
     common = ["experiment=imagenet", *data, "model=resnet18_scratch", "data.num_classes=3"]
     store = explain(config("explain", tmp_path, *common, "explainer=[fame,gradcam]", "explainer.fame.iterations=2",
