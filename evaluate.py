@@ -14,7 +14,8 @@ def main(config: DictConfig) -> None:
     try:
         evaluate(config)
     except ConfigError as error:
-        sys.exit(f"evaluate.py: {error}")
+        print(f"evaluate.py: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def main(config: DictConfig) -> None:
         prepare_sweep_job(config)
         explain(config)
     except ConfigError as error:
-        sys.exit(f"explain.py: {error}")
+        print(f"explain.py: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ def main(config: DictConfig) -> None:
     try:
         train(config)
     except ConfigError as error:
-        sys.exit(f"train.py: {error}")
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

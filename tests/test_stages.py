@@ -168,6 +168,14 @@ def _run(script, *overrides, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def test_entry_points_name_the_wrong_key_and_exit_2(tmp_path):
+    process = _run("train.py", f"paths.output_dir={tmp_path}", "data.datamodule.batch_size=0")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "train.py: config key 'data.datamodule.batch_size' has the value 0" in out
+    assert not (tmp_path / "train").exists()  # refused before anything was built or written
+
+
 def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):
     overrides = [f"paths.output_dir={tmp_path}", "limit=192", "data.datamodule.batch_size=32", "trainer.max_epochs=2",
                  "trainer.enable_progress_bar=false", "logger.enabled=false"]
