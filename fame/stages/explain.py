@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
 from ..data.modules import collate_items, limited
-from ..explain.registry import get_method, method_names
+from ..explain.registry import MethodResult, get_method, method_names
 from ..lightning.face import FaceRecognizer, load_face_recognizer
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..provenance import checkpoint_digest, environment
@@ -130,9 +130,10 @@ def classification_compute(method, options: Dict[str, Any], target: str, input_s
 
 
 def verification_compute(method, options: Dict[str, Any]):
-    def compute(model: nn.Module, batch: Dict[str, Any]):
-        from ..explain.registry import MethodResult
+    """Both sides of each pair: the probe against the gallery's frozen embedding and vice versa,
+    as outputs ``probe.<output>`` and ``gallery.<output>``."""
 
+    def compute(model: nn.Module, batch: Dict[str, Any]):
         maps, stats = {}, {}
         ids = [str(i) for i in batch["id"]]
         for side, other in (("probe", "gallery"), ("gallery", "probe")):
