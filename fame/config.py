@@ -23,9 +23,14 @@ class ConfigError(ValueError):
 
 
 def plain(config: Any) -> Any:
-    """An OmegaConf node as plain Python containers (for checkpoints, attrs and hashing)."""
+    """A config as plain Python containers (for checkpoints, attrs and hashing): OmegaConf nodes,
+    also nested in dicts and lists, become dicts and lists; tuples become lists."""
     if isinstance(config, (DictConfig, ListConfig)):
         return OmegaConf.to_container(config, resolve=True)
+    if isinstance(config, Mapping):
+        return {str(key): plain(value) for key, value in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [plain(value) for value in config]
     return config
 
 
@@ -163,19 +168,18 @@ def _check_batch_sizes(node: Any, prefix: str) -> None:
 def check_fame_options(options: Mapping[str, Any], key: str):
     """A FameConfig from the FAME fields of ``options``; type and range errors name ``key.<field>``."""
     from .explain import FameConfig
+    from .explain.registry import fame_config
 
     fields = {field.name: field for field in dataclasses.fields(FameConfig)}
     values = {}
-    for name, value in options.items():
+    for name, value in plain(options).items():
         if name not in fields:
             continue
         default = fields[name].default
         if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
             Rule(float if isinstance(default, float) else int).check(f"{key}.{name}", value)
-        if isinstance(value, list):
-            value = tuple(value)
         values[name] = value
     try:
-        return FameConfig(**values)
+        return fame_config(values, "classification")
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{key}: {error}") from error

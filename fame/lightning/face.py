@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
+from ..config import plain
 from ..data.face_modules import PAIR_KEYS
 from ..metrics.verification import verification_report
 from ..models.export import export_onnx, export_state_dict
@@ -38,21 +38,11 @@ SCHEDULES = ("polynomial", "constant")
 SET_METRICS = ("acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "pairs")
 
 
-def _plain_value(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(key): _plain_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain_value(item) for item in value]
-    return value
-
-
 def _plain(spec: Any, key: str) -> Optional[Dict[str, Any]]:
     """A spec as a plain dict (OmegaConf nodes converted), so checkpoints load with weights_only=True."""
     if spec is None:
         return None
-    spec = _plain_value(spec)
+    spec = plain(spec)
     if not isinstance(spec, dict):
         raise TypeError(f"{key} must be a mapping of keyword arguments, got {type(spec).__name__}: {spec!r}")
     return spec
