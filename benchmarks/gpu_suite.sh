@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 9 from one call on one GPU (about 8 minutes on an H100):
-# the gpu-marked tests, then benchmarks/fame_speed.py; logs, JSON and markdown go to $OUT
+# Every GPU figure of issues 9 and 8 from one call on one GPU (about 8 minutes on an H100):
+# the gpu-marked tests, then benchmarks/fame_speed.py and benchmarks/metrics_speed.py; logs, JSON and markdown go to $OUT
 # (default benchmarks/results).
 #
 # Environment: the machine's own python3 with torch is used as it is. The project's pure-Python
@@ -38,3 +38,8 @@ tail -n 5 "$OUT/pytest_gpu.log"
 # the CPU ratio is measured on the 2-core development machine: python benchmarks/fame_speed.py --sections cpu_ratio
 timeout 400 $PYTHON benchmarks/fame_speed.py --sections resnet50 trained verification feature_map --out "$OUT" 2>&1 | tee "$OUT/fame_speed.log"
 echo "benchmark exit code ${PIPESTATUS[0]}"
+
+# ROAD with noisy linear imputation on the GPU next to grad-cam on this machine's CPU (issue 8), last
+# so that a cut-off run loses only this figure
+timeout 60 $PYTHON benchmarks/metrics_speed.py --images 8 --device cuda --out "$OUT" 2>&1
+echo "metrics benchmark exit code $?"
