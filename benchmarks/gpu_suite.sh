@@ -4,9 +4,8 @@
 # (default benchmarks/results).
 #
 # Environment: the machine's own python3 with torch is used as it is. The project's pure-Python
-# dependencies missing there travel as wheels in .whl (carried; built here with
-#   pip wheel --no-deps -w .whl grad-cam ttach omegaconf antlr4-python3-runtime
-# ); where .whl is absent and a package index is reachable, `pip install -e .[dev]` into a venv.
+# dependencies missing there travel as wheels in .whl (carried; built by benchmarks/gpu_wheels.sh);
+# where .whl is absent and a package index is reachable, `pip install -e .[dev]` into a venv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
