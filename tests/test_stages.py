@@ -58,6 +58,19 @@ def test_explain_config_errors_name_the_key(trained, override, key):
         explain(config("explain", output, override))
 
 
+@pytest.mark.parametrize("override, key", [
+    ("road.percentages=[0,50,150]", "road.percentages"),
+    ("verification.percentages=[-10]", "verification.percentages"),
+    ("deletion.fractions=[]", "deletion.fractions"),
+    ("road.orders=[morf,up]", "road.orders"),
+    ("road.imputations=[linear,mean]", "road.imputations"),
+    ("families=[road,foo]", "families"),
+])
+def test_evaluate_config_errors_name_the_key_before_reading_the_store(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        evaluate(config("evaluate", tmp_path, override))  # no store exists in tmp_path
+
+
 def test_train_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="trainer.max_epochs"):
         train(config("train", tmp_path, "trainer.max_epochs=abc"))

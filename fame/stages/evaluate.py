@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, plain, validate
+from ..config import ConfigError, Rule, lookup, plain, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
 from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
@@ -52,12 +52,25 @@ class MissingMapsWarning(UserWarning):
 
 def check_evaluate_config(config: DictConfig) -> None:
     validate(config, EVALUATE_SCHEMA)
-    unknown = [family for family in config.families if family not in FAMILIES]
-    if unknown:
-        raise ConfigError(f"config key 'families' has unknown entries {unknown}; allowed: {list(FAMILIES)}")
-    unknown = [name for name in config.localization.metrics if name not in LOCALIZATION_METRICS]
-    if unknown:
-        raise ConfigError(f"config key 'localization.metrics' has unknown entries {unknown}; allowed: {sorted(LOCALIZATION_METRICS)}")
+    _check_entries(config, "families", allowed=FAMILIES)
+    _check_entries(config, "localization.metrics", allowed=sorted(LOCALIZATION_METRICS))
+    _check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
+    _check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
+    for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
+        _check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum))
+
+
+def _check_entries(config: DictConfig, key: str, allowed: Optional[Sequence[str]] = None, each: Optional[Rule] = None) -> None:
+    """``key`` holds a non-empty list whose entries are in ``allowed`` or pass ``each``."""
+    values = lookup(config, key)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"config key {key!r} has the value {values!r}; allowed: a non-empty list")
+    if allowed is not None:
+        unknown = [value for value in values if value not in allowed]
+        if unknown:
+            raise ConfigError(f"config key {key!r} has unknown entries {unknown}; allowed: {list(allowed)}")
+    for value in values if each is not None else ():
+        each.check(key, value)
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
