@@ -153,6 +153,20 @@ def validate(config: Any, schema: Mapping[str, Rule], optional_keys: Iterable[st
     _check_batch_sizes(plain(config), "")
 
 
+def check_entries(config: Any, key: str, allowed: Optional[Sequence[Any]] = None, each: Optional[Rule] = None) -> None:
+    """``key`` holds a non-empty list whose entries are all in ``allowed`` and all pass ``each``."""
+    values = lookup(config, key)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"config key {key!r} has the value {values!r}; allowed: a non-empty list")
+    if allowed is not None:
+        unknown = [value for value in values if value not in allowed]
+        if unknown:
+            raise ConfigError(f"config key {key!r} has unknown entries {unknown}; allowed: {list(allowed)}")
+    if each is not None:
+        for value in values:
+            each.check(key, value)
+
+
 def _check_batch_sizes(node: Any, prefix: str) -> None:
     if isinstance(node, dict):
         for name, value in node.items():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, lookup, plain, validate
+from ..config import ConfigError, Rule, check_entries, plain, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
 from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
@@ -52,25 +52,12 @@ class MissingMapsWarning(UserWarning):
 
 def check_evaluate_config(config: DictConfig) -> None:
     validate(config, EVALUATE_SCHEMA)
-    _check_entries(config, "families", allowed=FAMILIES)
-    _check_entries(config, "localization.metrics", allowed=sorted(LOCALIZATION_METRICS))
-    _check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
-    _check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
+    check_entries(config, "families", allowed=FAMILIES)
+    check_entries(config, "localization.metrics", allowed=sorted(LOCALIZATION_METRICS))
+    check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
+    check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
     for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
-        _check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum))
-
-
-def _check_entries(config: DictConfig, key: str, allowed: Optional[Sequence[str]] = None, each: Optional[Rule] = None) -> None:
-    """``key`` holds a non-empty list whose entries are in ``allowed`` or pass ``each``."""
-    values = lookup(config, key)
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"config key {key!r} has the value {values!r}; allowed: a non-empty list")
-    if allowed is not None:
-        unknown = [value for value in values if value not in allowed]
-        if unknown:
-            raise ConfigError(f"config key {key!r} has unknown entries {unknown}; allowed: {list(allowed)}")
-    for value in values if each is not None else ():
-        each.check(key, value)
+        check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum))
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
