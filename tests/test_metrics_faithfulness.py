@@ -98,6 +98,23 @@ def test_curve_auc_is_normalized_trapezoid():
     torch.testing.assert_close(curve_auc(curves, [0, 50, 100]), torch.tensor([1.0, 0.25, 0.5]))
     with pytest.raises(ValueError, match="len\\(fractions\\)"):
         curve_auc(curves, [0.0, 1.0])
+    with pytest.raises(ValueError, match="must strictly increase"):
+        curve_auc(curves, [0.0, 1.0, 0.5])
+
+
+def test_curves_refuse_targets_and_flags_of_the_wrong_shape():
+    region, images = region_toy()
+    model = RegionSum(region).eval()
+    batch, maps = images.repeat(4, 1, 1, 1), region.repeat(4, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"targets must hold one class index per image, shape \(4,\), got \(3,\)"):
+        deletion_curve(model, batch, maps, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(4,\), got \(4, 1\)"):
+        deletion_curve(model, batch, maps, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="fractions is empty"):
+        deletion_curve(model, batch, maps, torch.zeros(4, dtype=torch.long), [])
+    embedder = RegionEmbedder(region)
+    with pytest.raises(ValueError, match=r"same must hold one genuine/impostor flag per pair, shape \(4,\)"):
+        verification_curve(embedder, batch, batch, torch.ones(3, dtype=torch.bool), maps, threshold=0.5)
 
 
 class RegionEmbedder(nn.Module):
@@ -123,7 +140,7 @@ def test_verification_curve_on_region_embedder():
     same = torch.tensor([True, True, False, False])
     maps = region.repeat(4, 1, 1, 1)  # the perfect e+ map
     deletion = verification_curve(embedder, galleries, probes, same, maps)
-    assert deletion.threshold == pytest.approx(1.0)  # clean genuine 1, impostors 0
+    assert deletion.threshold == pytest.approx(0.5)  # midway between the clean genuine 1 and impostors 0
     # genuine pairs survive while any region pixel is left (P < 25 %), impostors stay rejected
     assert deletion.accuracy.tolist() == [1.0, 1.0, 1.0] + [0.5] * 8
     assert deletion.auc == pytest.approx(100 * (0.5 + 0.5 * 2.5 / 10))

@@ -126,3 +126,11 @@ def test_pointing_game_ties_and_class_mean():
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
     labels = torch.tensor([0, 0, 0, 1, 1])
     assert class_mean(scores, labels).item() == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_masks_and_boxes_of_the_wrong_shape_are_refused():
+    maps = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"masks must have shape \(B, 1, H, W\) or \(B, H, W\), got \(2, 2, 8, 8\)"):
+        pointing_game(maps, torch.ones(2, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"boxes must be \(x_min, y_min, x_max, y_max\).*shape \(1, 3\)"):
+        boxes_to_masks(torch.ones(2, 3), (8, 8))

@@ -138,6 +138,36 @@ def test_road_curve_linear_is_batch_size_invariant():
     torch.testing.assert_close(noise_free.logit, torch.tensor([[75.0] * 10 + [0.0]]), atol=1e-3, rtol=0)
 
 
+def test_road_curve_noise_seeds_make_each_curve_independent_of_the_other_samples():
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    maps = smooth_maps(3, 16, 16, seed=11)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).eval()
+    targets = torch.tensor([2, 0, 1])
+    seeds = torch.tensor([101, 202, 303])
+    percentages = [0, 30, 60]
+    whole = road_curve(model, images, maps, targets, percentages, noise_seeds=seeds)
+    reordered = road_curve(model, images[[2, 0]], maps[[2, 0]], targets[[2, 0]], percentages, noise_seeds=seeds[[2, 0]])
+    torch.testing.assert_close(reordered.logit, whole.logit[[2, 0]], atol=1e-5, rtol=0)
+    other = road_curve(model, images, maps, targets, percentages, noise_seeds=seeds + 1)
+    assert not torch.allclose(other.logit[:, 1:], whole.logit[:, 1:], atol=1e-6)  # the seed draws the noise
+    with pytest.raises(ValueError, match="either a generator or noise_seeds"):
+        road_curve(model, images, maps, targets, percentages, generator=torch.Generator(), noise_seeds=seeds)
+    with pytest.raises(ValueError, match=r"noise_seeds must hold one integer per image, shape \(3,\)"):
+        road_curve(model, images, maps, targets, percentages, noise_seeds=seeds[:2])
+
+
+def test_road_curve_refuses_bad_targets_and_a_logit_drop_not_from_zero():
+    region, images = region_toy()
+    model = RegionSum(region).eval()
+    with pytest.raises(ValueError, match=r"targets must hold one class index per image, shape \(2,\)"):
+        road_curve(model, images.repeat(2, 1, 1, 1), region.repeat(2, 1, 1, 1), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="percentages is empty"):
+        road_curve(model, images, region, torch.zeros(1, dtype=torch.long), [])
+    curves = road_curve(model, images, region, torch.zeros(1, dtype=torch.long), [10, 50], imputation="zero")
+    with pytest.raises(ValueError, match="include 0 as the first percentage"):
+        curves.logit_drop
+
+
 @pytest.mark.gpu
 def test_road_curve_same_on_cpu_and_gpu():
     if not torch.cuda.is_available():
@@ -150,3 +180,7 @@ def test_road_curve_same_on_cpu_and_gpu():
     cpu = road_curve(model, images, maps, targets, generator=torch.Generator().manual_seed(0))
     gpu = road_curve(model.cuda(), images.cuda(), maps.cuda(), targets.cuda(), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(gpu.logit.cpu(), cpu.logit, atol=1e-4, rtol=1e-4)
+    seeds = torch.tensor([5, 6, 7, 8])
+    keyed_cpu = road_curve(model.cpu(), images, maps, targets, noise_seeds=seeds)
+    keyed_gpu = road_curve(model.cuda(), images.cuda(), maps.cuda(), targets.cuda(), noise_seeds=seeds)
+    torch.testing.assert_close(keyed_gpu.logit.cpu(), keyed_cpu.logit, atol=1e-4, rtol=1e-4)

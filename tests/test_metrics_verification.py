@@ -31,7 +31,7 @@ def test_eer_threshold_where_far_meets_frr():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     labels = torch.tensor([True, True, False, True, False, False])
     threshold, eer = eer_threshold(scores, labels)
-    assert threshold == pytest.approx(0.7)
+    assert threshold == pytest.approx(0.65)  # midway between the EER candidate 0.7 and the next score 0.6
     assert eer == pytest.approx(1 / 3)
 
 
@@ -41,7 +41,7 @@ def test_eer_threshold_ties_go_to_the_largest_threshold():
     scores = torch.tensor([0.0, 0.5, 0.1, 0.9, 0.2, 0.7])
     labels = torch.tensor([0, 1, 0, 1, 0, 0])
     threshold, eer = eer_threshold(scores, labels)
-    assert threshold == pytest.approx(0.7)
+    assert threshold == pytest.approx(0.6)  # candidate 0.7, next lower score 0.5
     assert eer == pytest.approx((1 / 4 + 1 / 2) / 2)
     permutation = torch.randperm(6, generator=torch.Generator().manual_seed(0))
     assert eer_threshold(scores[permutation], labels[permutation]) == (threshold, eer)
@@ -55,7 +55,7 @@ def test_eer_threshold_with_a_genuine_and_an_impostor_of_equal_score():
 def test_eer_threshold_of_separable_scores_is_zero_at_the_lowest_genuine():
     scores = torch.tensor([0.95, 0.9, 0.85, 0.3, 0.2])
     labels = torch.tensor([1, 1, 1, 0, 0])
-    assert eer_threshold(scores, labels) == (pytest.approx(0.85), 0.0)
+    assert eer_threshold(scores, labels) == (pytest.approx(0.575), 0.0)  # between 0.85 and 0.3
 
 
 @pytest.mark.parametrize(
@@ -149,5 +149,15 @@ def test_verification_report_collects_every_number():
     labels = torch.tensor([1, 1, 0, 1, 0, 0])
     report = verification_report(scores, labels, folds=2, far=0.0)
     assert set(report) == {"accuracy_mean", "accuracy_std", "eer", "eer_threshold", "tar_at_far"}
-    assert report["eer"] == pytest.approx(1 / 3) and report["eer_threshold"] == pytest.approx(0.7)
+    assert report["eer"] == pytest.approx(1 / 3) and report["eer_threshold"] == pytest.approx(0.65)
     assert report["tar_at_far"] == pytest.approx(2 / 3)
+
+
+def test_eer_threshold_keeps_decisions_of_a_score_recomputed_with_rounding():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = torch.tensor([True, True, False, True, False, False])
+    threshold, _ = eer_threshold(scores, labels)
+    for nudge in (-1e-6, 0.0, 1e-6):  # the EER candidate 0.7 recomputed in another batch
+        moved = scores.clone()
+        moved[2] += nudge
+        assert ((moved >= threshold) == (scores >= 0.7)).all()

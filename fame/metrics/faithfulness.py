@@ -45,6 +45,25 @@ def _check_maps(images: Tensor, maps: Tensor) -> Tensor:
     return maps
 
 
+def _check_targets(targets: Tensor, num_samples: int, name: str = "targets") -> Tensor:
+    """Class indices (B,) as a long tensor; any other shape is refused with the expected one."""
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.shape[0] != num_samples:
+        raise ValueError(f"{name} must hold one class index per image, shape ({num_samples},), got {tuple(targets.shape)}")
+    if targets.is_floating_point() and not torch.equal(targets, targets.round()):
+        raise ValueError(f"{name} must be integer class indices, got {targets.tolist()[:8]}")
+    return targets.long()
+
+
+def _check_levels(levels: Tensor, name: str) -> Tensor:
+    """Removal levels (P,) that strictly increase (curves and their areas are read in this order)."""
+    if levels.numel() == 0:
+        raise ValueError(f"{name} is empty: pass at least one level")
+    if levels.numel() > 1 and not bool((levels[1:] > levels[:-1]).all()):
+        raise ValueError(f"{name} must strictly increase, got {levels.tolist()}")
+    return levels
+
+
 def pixel_ranks(maps: Tensor, most_relevant_first: bool = True) -> Tensor:
     """Removal rank of each pixel (B, 1, H, W), 0 = removed first; stable, ties in raster order."""
     if maps.dim() == 3:
@@ -150,8 +169,11 @@ def deletion_curve(
     else:
         raise ValueError(f"baseline must be 'zero' or 'blur', got {baseline!r}")
     maps = _check_maps(images, maps)
+    targets = _check_targets(targets, images.shape[0])
     ranks = pixel_ranks(maps, most_relevant_first=True)
     counts = pixel_counts(fractions, ranks[0].numel(), images.device)
+    if counts.numel() == 0:
+        raise ValueError("fractions is empty: pass at least one fraction in [0, 1]")
     start, end = (images, reference) if mode == "deletion" else (reference, images)
 
     def make_inputs(levels: Tensor, samples: Tensor) -> Tensor:
@@ -160,7 +182,7 @@ def deletion_curve(
 
     logits = evaluate_levels(model, images, counts.numel(), make_inputs, batch_size)
     probabilities = logits.float().softmax(dim=-1)
-    index = targets.to(images.device).long().view(1, -1, 1).expand(counts.numel(), -1, 1)
+    index = targets.to(images.device).view(1, -1, 1).expand(counts.numel(), -1, 1)
     return probabilities.gather(2, index).squeeze(2).t()
 
 
@@ -168,7 +190,8 @@ def curve_auc(curve: Tensor, fractions: Union[Tensor, Sequence[float]]) -> Tenso
     """Normalized trapezoid area (B,) under curves (B, P) sampled at ``fractions`` (P,).
 
     The area is divided by the span ``fractions[-1] - fractions[0]``, so a constant curve c has
-    area c whatever the sampling (the paper's Tab. 2 reports this x100).
+    area c whatever the sampling (the paper's Tab. 2 reports this x100). ``fractions`` must
+    strictly increase.
     """
     fractions = torch.as_tensor(fractions, dtype=torch.float64, device=curve.device)
     if curve.dim() == 1:
@@ -178,9 +201,8 @@ def curve_auc(curve: Tensor, fractions: Union[Tensor, Sequence[float]]) -> Tenso
             f"curve (B, P) needs P = len(fractions) >= 2 points, got curve {tuple(curve.shape)} "
             f"and {fractions.numel()} fractions"
         )
+    _check_levels(fractions, "fractions")
     span = fractions[-1] - fractions[0]
-    if not span > 0:
-        raise ValueError(f"fractions must increase, got {fractions.tolist()}")
     area = torch.trapezoid(curve.double(), fractions, dim=-1) / span
     return area.to(curve.dtype if curve.is_floating_point() else torch.float32)
 
@@ -230,7 +252,10 @@ def verification_curve(
     if galleries.shape != probes.shape:
         raise ValueError(f"galleries and probes must have the same shape, got {tuple(galleries.shape)} and {tuple(probes.shape)}")
     maps = _check_maps(probes, maps)
-    same = same.to(probes.device).bool().view(-1)
+    same = torch.as_tensor(same).to(probes.device)
+    if same.dim() != 1 or same.shape[0] != probes.shape[0]:
+        raise ValueError(f"same must hold one genuine/impostor flag per pair, shape ({probes.shape[0]},), got {tuple(same.shape)}")
+    same = same.bool()
     chunk = probes.shape[0] if batch_size is None else int(batch_size)
     with torch.no_grad():
         gallery_embeddings = torch.cat([_cosine_embeddings(embedder, part) for part in galleries.split(chunk)])

@@ -19,6 +19,8 @@ def _flatten_pair(maps: Tensor, masks: Tensor):
             raise ValueError(f"maps must have shape (B, 1, H, W) or (B, H, W), got {tuple(maps.shape)}")
         maps = maps[:, 0]
     if masks.dim() == 4:
+        if masks.shape[1] != 1:
+            raise ValueError(f"masks must have shape (B, 1, H, W) or (B, H, W), got {tuple(masks.shape)}")
         masks = masks[:, 0]
     if maps.dim() != 3 or masks.shape != maps.shape:
         raise ValueError(
@@ -136,7 +138,13 @@ def boxes_to_masks(boxes: Union[Tensor, Sequence[Tensor]], size: Tuple[int, int]
     height, width = size
     masks = []
     for sample_boxes in boxes:
-        sample_boxes = torch.as_tensor(sample_boxes, dtype=torch.float32).reshape(-1, 4)
+        sample_boxes = torch.as_tensor(sample_boxes, dtype=torch.float32)
+        if sample_boxes.shape[-1:] != (4,) or sample_boxes.dim() > 2:
+            raise ValueError(
+                f"boxes must be (x_min, y_min, x_max, y_max): a tensor (B, 4) or B tensors (N_i, 4), "
+                f"got a sample's boxes of shape {tuple(sample_boxes.shape)}"
+            )
+        sample_boxes = sample_boxes.reshape(-1, 4)
         ys = torch.arange(height, device=sample_boxes.device, dtype=torch.float32) + 0.5
         xs = torch.arange(width, device=sample_boxes.device, dtype=torch.float32) + 0.5
         x0, y0, x1, y1 = (sample_boxes[:, i].view(-1, 1, 1) for i in range(4))

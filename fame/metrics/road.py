@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .faithfulness import _check_maps, pixel_counts, pixel_ranks
+from .faithfulness import _check_maps, _check_targets, pixel_counts, pixel_ranks
 
 DIRECT_WEIGHT = 1 / 6
 DIAGONAL_WEIGHT = 1 / 12
@@ -267,6 +267,16 @@ def _draw_noise(shape, generator: Optional[torch.Generator], dtype) -> Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _keyed_noise(noise_seeds: Tensor, percentage: float, shape, dtype) -> Tensor:
+    """N(0, 1) noise (B, C, H, W) drawn per sample on the CPU from ``(noise_seeds[b], percentage)``."""
+    level = int(round(float(percentage) * 1000))
+    draws = []
+    for seed in noise_seeds.tolist():
+        generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + level) % (2**63))
+        draws.append(torch.randn(tuple(shape[1:]), generator=generator, dtype=dtype))
+    return torch.stack(draws)
+
+
 @dataclass
 class RoadCurves:
     """Per-sample ROAD curves (B, P) at ``percentages`` (P,) of removed pixels."""
@@ -279,6 +289,11 @@ class RoadCurves:
     @property
     def logit_drop(self) -> Tensor:
         """Target logit at P = 0 minus the target logit at P (the FAME paper's ROAD-Delete)."""
+        if float(self.percentages[0]) != 0:
+            raise ValueError(
+                f"the logit drop is measured from P = 0, but the curves start at P = {float(self.percentages[0]):g}; "
+                "include 0 as the first percentage"
+            )
         return self.logit[:, :1] - self.logit
 
 
@@ -294,32 +309,51 @@ def road_curve(
     batch_size: Optional[int] = None,
     noise_std: float = 0.01,
     tol: float = 1e-5,
+    noise_seeds: Optional[Tensor] = None,
 ) -> RoadCurves:
     """ROAD curves of ``model`` on ``images`` (B, C, H, W) with ``maps`` (B, 1, H, W).
 
     At each percentage P the first ``round(P/100 * H*W)`` pixels in map order (most or least
     relevant first, ties in raster order) are removed and imputed ("linear": ROAD's noisy linear
     imputation; "zero": set to 0). ``batch_size`` (default B) bounds the images imputed and passed
-    through the model at once; the noise is drawn per percentage for the whole batch, so results
-    do not depend on ``batch_size``. Pass the model in eval mode.
+    through the model at once. The noise is drawn per percentage for the whole batch from
+    ``generator``, so results do not depend on ``batch_size``; with ``noise_seeds`` (B,) integers
+    instead, each sample's noise at P is drawn on the CPU from (its seed, P) alone, so a sample's
+    curve does not depend on the other samples of the call either (what the evaluate stage uses,
+    with seeds derived from the sample ids). ``targets`` (B,) are class indices. Pass the model in
+    eval mode.
     """
     if imputation not in ("linear", "zero"):
         raise ValueError(f"imputation must be 'linear' or 'zero', got {imputation!r}")
     maps = _check_maps(images, maps)
-    fractions = torch.as_tensor(percentages, dtype=torch.float64) / 100
+    targets = _check_targets(targets, images.shape[0])
+    if noise_seeds is not None:
+        if generator is not None:
+            raise ValueError("pass either a generator or noise_seeds for the imputation noise, not both")
+        noise_seeds = torch.as_tensor(noise_seeds).view(-1)
+        if noise_seeds.numel() != images.shape[0] or noise_seeds.is_floating_point():
+            raise ValueError(
+                f"noise_seeds must hold one integer per image, shape ({images.shape[0]},), got {tuple(noise_seeds.shape)}"
+            )
+    fractions = torch.as_tensor(percentages, dtype=torch.float64).view(-1)
+    if fractions.numel() == 0:
+        raise ValueError("percentages is empty: pass at least one removal percentage in [0, 100]")
+    fractions = fractions / 100
     ranks = pixel_ranks(maps, most_relevant_first)
     counts = pixel_counts(fractions, ranks[0].numel(), images.device)
     num_samples = images.shape[0]
     chunk = num_samples if batch_size is None else int(batch_size)
     if chunk < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    targets = targets.to(images.device).long()
+    targets = targets.to(images.device)
     logits = []
     with torch.no_grad():
-        for count in counts:
+        for fraction, count in zip(fractions.tolist(), counts):
             noise = None
             if imputation == "linear" and noise_std != 0 and count > 0:
-                noise = noise_std * _draw_noise(images.shape, generator, images.dtype).to(images.device)
+                noise = (_keyed_noise(noise_seeds, 100 * fraction, images.shape, images.dtype) if noise_seeds is not None
+                         else _draw_noise(images.shape, generator, images.dtype))
+                noise = noise_std * noise.to(images.device)
             level = []
             for start in range(0, num_samples, chunk):
                 part = slice(start, start + chunk)

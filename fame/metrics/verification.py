@@ -53,14 +53,22 @@ def roc_curve(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def eer_threshold(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     """(threshold, eer): the equal error rate operating point of the scores.
 
-    Candidates are the distinct scores swept from high to low; the threshold is the candidate
-    where |FAR - FRR| is smallest (ties go to the largest threshold) and the EER is
-    (FAR + FRR) / 2 there.
+    Candidates are the distinct scores swept from high to low; the EER is (FAR + FRR) / 2 at the
+    candidate where |FAR - FRR| is smallest (ties go to the largest). The threshold returned lies
+    midway between that candidate and the next lower distinct score (below the lowest score by
+    half the gap above it): ``score >= threshold`` decides these scores exactly as the candidate
+    does, and a pair whose score is the candidate keeps its decision when the score is recomputed
+    with rounding differences (another batch size, another device).
     """
     thresholds, far, tar = roc_curve(scores, labels)
     frr = 1.0 - tar
     best = int(torch.argmin((far - frr).abs()))  # first minimum = largest threshold
-    return float(thresholds[best]), float((far[best] + frr[best]) / 2)
+    eer = float((far[best] + frr[best]) / 2)
+    if best + 1 < thresholds.numel():
+        return float((thresholds[best] + thresholds[best + 1]) / 2), eer
+    if best > 0:
+        return float(thresholds[best] - (thresholds[best - 1] - thresholds[best]) / 2), eer
+    return float(thresholds[best]), eer
 
 
 def tar_at_far(scores: Tensor, labels: Tensor, far: float = 1e-3) -> float:
