@@ -5,6 +5,10 @@ down ("cascading randomization"); after each step the maps are recomputed and co
 maps of the intact model by Spearman rank correlation and SSIM. A map that reflects what the
 model computes must change as its layers lose their learned weights; a map that stays similar is
 an edge detector, not an explanation.
+
+A cascade step names a module: a leaf layer (``parameterized_layers``, e.g. ``"layer4.1.conv2"``)
+or a whole block (``layer_blocks``, e.g. ResNet's ``fc, layer4, layer3, layer2, layer1, bn1,
+conv1`` as in the paper); a step redraws every parameter in the named module's subtree.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class RandomizationResult:
     """Scores per cascading step (L, B): step l has the layers ``layers[: l + 1]`` randomized."""
 
     layers: List[str]
-    spearman: Tensor  # rank correlation with the intact model's maps (NaN for a constant map)
+    spearman: Tensor  # rank correlation with the intact model's maps (0 where only the new map is constant, NaN where the intact one is)
     ssim: Tensor  # structural similarity with the intact model's maps (data range 1)
 
 
@@ -39,14 +43,44 @@ def parameterized_layers(model: nn.Module) -> List[str]:
     return names[::-1]
 
 
-def randomize_parameters_(module: nn.Module, generator: torch.Generator) -> None:
-    """Redraw each of the module's own parameters from a Gaussian with its original mean and std.
+def layer_blocks(model: nn.Module) -> List[str]:
+    """Names of the model's top-level children that hold parameters, output side first.
+
+    The default cascade of the evaluate stage's sanity check: the blocks Adebayo et al. randomise
+    (for a torchvision ResNet ``fc, layer4, layer3, layer2, layer1, bn1, conv1``), far fewer steps
+    than every leaf of ``parameterized_layers``. A wrapper whose parameters all sit in one child
+    and none of its own (e.g. ``fame.models.Classifier`` around its ``net``) is looked through:
+    the blocks are that child's, with dotted names (``net.fc, net.layer4, ...``). The order is the
+    reverse of registration order, as for ``parameterized_layers``; pass ``layers`` explicitly for
+    models whose children are registered out of forward order.
+    """
+    prefix, module = "", model
+    while True:
+        children = [(name, child) for name, child in module.named_children() if _holds_parameters(child)]
+        if len(children) != 1 or any(True for _ in module.parameters(recurse=False)):
+            break
+        name, module = children[0]
+        prefix += f"{name}."
+    names = [f"{prefix}{name}" for name, _ in children]
+    if any(True for _ in module.parameters(recurse=False)) and not names:
+        names = [prefix[:-1]] if prefix else [""]
+    return names[::-1]
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def randomize_parameters_(module: nn.Module, generator: torch.Generator, recurse: bool = True) -> None:
+    """Redraw every parameter of the module (and, with ``recurse``, of its whole subtree) from a
+    Gaussian with that parameter's own original mean and std, in ``module.parameters()`` order.
 
     A constant parameter (std 0, e.g. freshly initialised BatchNorm weights of ones or zero
     biases) gets std max(|mean|, 0.01) so that it changes too. Buffers (running statistics) stay.
+    For a leaf module ``recurse`` makes no difference.
     """
     with torch.no_grad():
-        for parameter in module.parameters(recurse=False):
+        for parameter in module.parameters(recurse=recurse):
             values = parameter.detach().double()
             mean = values.mean()
             spread = values.std() if values.numel() > 1 else torch.zeros((), dtype=torch.float64)
@@ -74,6 +108,11 @@ def _average_ranks(values: Tensor) -> Tensor:
     return (below + up_to - 1).double() / 2
 
 
+def _constant(maps: Tensor) -> Tensor:
+    flat = maps.flatten(1)
+    return (flat.amax(dim=1) == flat.amin(dim=1)).cpu()
+
+
 def structural_similarity_batch(first: Tensor, second: Tensor, data_range: float = 1.0) -> Tensor:
     """SSIM (B,) of two batches of maps (B, 1, H, W) with scikit-image's defaults (7 x 7 window, maps >= 7 px)."""
     first = first.detach().float().cpu().numpy().reshape(first.shape[0], *first.shape[-2:])
@@ -93,22 +132,31 @@ def cascading_randomization(
     """Spearman and SSIM of the maps after randomizing ``layers`` cumulatively, in the given order.
 
     ``explain_fn(model, images, targets)`` returns maps (B, 1, H, W) in [0, 1] (for a registry
-    method: ``lambda m, x, t: method(m, x, t, ids=ids).maps[""]``). ``layers`` are module names
-    of ``model``, default ``parameterized_layers(model)`` (output first). The caller's model is
-    never touched (not even its gradients): the maps of the intact model and the randomization
-    both use a deep copy, with parameters drawn from ``generator`` (see ``randomize_parameters_``).
+    method: ``lambda m, x, t: method(m, x, t, ids=ids).maps[""]``); it is called once on the
+    intact copy, then once after each step. ``layers`` are module names of ``model``: leaves or
+    blocks, default ``parameterized_layers(model)`` (every leaf, output first; ``layer_blocks(model)``
+    gives the paper's block cascade). Step l redraws every parameter in the subtree of
+    ``layers[l]`` (see ``randomize_parameters_``), keeping the steps before it. The caller's model
+    is never touched (not even its gradients): the maps of the intact model and the randomization
+    both use a deep copy, with parameters drawn from ``generator``; the same generator state gives
+    the same randomized networks.
     """
     randomized = copy.deepcopy(model)
     modules = dict(randomized.named_modules())
     layers = list(parameterized_layers(randomized) if layers is None else layers)
     unknown = [name for name in layers if name not in modules]
     if unknown:
-        raise ValueError(f"layers {unknown} are not modules of the model; pick from parameterized_layers(model)")
+        raise ValueError(f"layers {unknown} are not modules of the model; pick blocks from layer_blocks(model) "
+                         f"{layer_blocks(randomized)} or leaves from parameterized_layers(model)")
     original = explain_fn(randomized, images, targets).detach()  # the copy, still intact
     spearman, ssim = [], []
     for name in layers:
         randomize_parameters_(modules[name], generator)
         maps = explain_fn(randomized, images, targets).detach()
-        spearman.append(spearman_correlation(original, maps).cpu())
+        correlation = spearman_correlation(original, maps).cpu()
+        # a map that became constant (e.g. FAME takes no step on the randomized model) keeps no
+        # rank order of the intact one: 0, not NaN, so the sample still counts as changed
+        correlation[_constant(maps) & ~_constant(original)] = 0.0
+        spearman.append(correlation)
         ssim.append(structural_similarity_batch(original, maps))
     return RandomizationResult(layers=layers, spearman=torch.stack(spearman), ssim=torch.stack(ssim))
