@@ -153,8 +153,10 @@ def validate(config: Any, schema: Mapping[str, Rule], optional_keys: Iterable[st
     _check_batch_sizes(plain(config), "")
 
 
-def check_entries(config: Any, key: str, allowed: Optional[Sequence[Any]] = None, each: Optional[Rule] = None) -> None:
-    """``key`` holds a non-empty list whose entries are all in ``allowed`` and all pass ``each``."""
+def check_entries(config: Any, key: str, allowed: Optional[Sequence[Any]] = None, each: Optional[Rule] = None,
+                  increasing: bool = False) -> None:
+    """``key`` holds a non-empty list whose entries are all in ``allowed``, all pass ``each`` and,
+    with ``increasing``, strictly increase."""
     values = lookup(config, key)
     if not isinstance(values, list) or not values:
         raise ConfigError(f"config key {key!r} has the value {values!r}; allowed: a non-empty list")
@@ -165,6 +167,8 @@ def check_entries(config: Any, key: str, allowed: Optional[Sequence[Any]] = None
     if each is not None:
         for value in values:
             each.check(key, value)
+    if increasing and any(not later > earlier for earlier, later in zip(values, values[1:])):
+        raise ConfigError(f"config key {key!r} has the value {values}; allowed: strictly increasing levels")
 
 
 def _check_batch_sizes(node: Any, prefix: str) -> None:

@@ -177,6 +177,30 @@ TABLE2_COLUMNS: Tuple[Column, ...] = (
 )
 
 
+#: Column labels of the scalar metrics outside Tab. 1 (IoU x100 as in Tab. 1).
+METRIC_LABELS: Dict[str, Tuple[str, float]] = {
+    "pointing_game": ("pointing game (0 px)", 1.0),
+    "pointing_game_15px": ("pointing game (15 px at 224 px)", 1.0),
+    "relevance_mass": ("relevance mass", 1.0),
+    "relevance_rank": ("relevance rank", 1.0),
+    "pr_auc": ("PR AUC", 1.0),
+    "iou_30": ("IoU@0.3 ×100", 100.0),
+    "iou_50": ("IoU@0.5 ×100", 100.0),
+    "iou_70": ("IoU@0.7 ×100", 100.0),
+    "sanity_spearman_auc": ("sanity Spearman (area over the cascade)", 1.0),
+    "sanity_ssim_auc": ("sanity SSIM (area over the cascade)", 1.0),
+}
+
+
+def _scalar_column(metric: str) -> Column:
+    """A labelled column for a scalar metric; ``name@mask`` (a second mask key) keeps its suffix."""
+    name, _, mask = metric.partition("@")
+    if name not in METRIC_LABELS:
+        return Column(metric, metric)
+    label, scale = METRIC_LABELS[name]
+    return Column(f"{label} @{mask}" if mask else label, metric, scale=scale)
+
+
 def _as_column(spec: Union[Column, str, Tuple[str, float]]) -> Column:
     if isinstance(spec, Column):
         return spec
@@ -257,7 +281,7 @@ def markdown_table(
         scalars = [m for m in dict.fromkeys(summary.loc[summary["level"].isna(), "metric"]) if (m, None) not in shown]
         if scalars:
             title = "Other metrics" if sections else "Metrics"
-            sections.append(f"### {title}\n\n" + _table(summary, [Column(m, m) for m in scalars], methods, max(digits, 3)))
+            sections.append(f"### {title}\n\n" + _table(summary, [_scalar_column(m) for m in scalars], methods, max(digits, 3)))
     notes = [f"Mean [{percent} percentile-bootstrap interval] over samples."]
     counts = summary["n"]
     if len(counts):

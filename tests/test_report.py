@@ -129,7 +129,7 @@ def test_markdown_table_is_shaped_like_the_paper_with_notes():
     fame_row = next(line for line in table.splitlines() if line.startswith("| fame |"))
     row = summary[(summary.method == "fame") & (summary.metric == "iou_30")].iloc[0]
     assert f"{100 * row['mean']:.1f} [{100 * row.low:.1f}, {100 * row.high:.1f}]" in fame_row
-    assert "### Other metrics" in table and "pointing_game" in table
+    assert "### Other metrics" in table and "pointing game (0 px)" in table  # labelled with its tolerance
     assert "Missing from the store (not scored): rise." in table
     assert "fame: 4" in table and "gradcam: 0" not in table
 

@@ -65,6 +65,9 @@ def test_explain_config_errors_name_the_key(trained, override, key):
     ("road.orders=[morf,up]", "road.orders"),
     ("road.imputations=[linear,mean]", "road.imputations"),
     ("families=[road,foo]", "families"),
+    ("road.percentages=[10,50,100]", "road.percentages"),  # the logit drop is measured from P = 0
+    ("deletion.fractions=[0,1,0.5]", "deletion.fractions"),
+    ("verification.percentages=[0,50,50]", "verification.percentages"),
 ])
 def test_evaluate_config_errors_name_the_key_before_reading_the_store(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -146,6 +149,27 @@ def test_evaluate_names_methods_missing_from_the_store(trained):
                         "logger.enabled=false", "families=[localization]", "grid_rows=0",
                         f"output_dir={output}/partial_report", "bootstrap.resamples=20"))
     assert "fame" in (output / "partial_report" / "metrics.md").read_text()
+
+
+def test_evaluate_scores_do_not_depend_on_batch_size_or_on_the_other_methods(trained):
+    """A sample's ROAD noise is keyed by its id, and each method is scored against its own target."""
+    output, _ = trained
+    store = f"{output}/targets.zarr"
+    for method, target in (("random", "label"), ("gradcam", "prediction")):
+        explain(config("explain", output, "limit=6", "batch_size=6", "experiment=shapes", f"explainer=[{method}]",
+                       f"target={target}", f"store={store}", "trainer.enable_progress_bar=false"))
+    common = (f"store={store}", "logger.enabled=false", "families=[road]", "road.orders=[morf]",
+              "road.imputations=[linear]", "road.percentages=[0,50,100]", "grid_rows=0", "bootstrap.resamples=20",
+              "exclude_empty=false")
+
+    def scores(*overrides):
+        frame = evaluate(config("evaluate", output, *common, f"output_dir={output}/targets_report", *overrides))
+        return frame.sort_values(["method", "metric", "sample_id", "level"]).reset_index(drop=True)
+
+    whole = scores("methods=[gradcam,random]", "batch_size=6")
+    pd.testing.assert_frame_equal(whole, scores("methods=[gradcam,random]", "batch_size=4"))
+    alone = scores("methods=[random]", "batch_size=6")
+    pd.testing.assert_frame_equal(whole[whole["method"] == "random"].reset_index(drop=True), alone)
 
 
 def test_explain_batch_size_auto(trained):

@@ -1,4 +1,5 @@
-"""evaluate.py: score every map of a store (localisation, ROAD, deletion/insertion, face verification),
+"""evaluate.py: score every map of a store (localisation, ROAD, deletion/insertion, face verification,
+the model-randomisation sanity check),
 report mean and bootstrap CIs as CSV, markdown tables shaped like the paper's, curves and W&B.
 
 Every score is one row of a long table (method, metric, level, value, sample_id): ``level`` is the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,10 +33,11 @@ from ..store import MapStore
 from ..viz import save_overlay_grid
 from .common import device_of
 from .explain import explained_dataset, explained_model, pair_threshold
+from .sanity import plot_sanity, sanity_options, sanity_records
 
 ROAD_ORDERS = {"morf": True, "lerf": False}
 ROAD_IMPUTATIONS = ("zero", "linear")
-FAMILIES = ("localization", "road", "deletion", "verification")
+FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
 
 EVALUATE_SCHEMA = {
     "seed": Rule(int, minimum=0),
@@ -57,7 +60,11 @@ def check_evaluate_config(config: DictConfig) -> None:
     check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
     check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
     for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
-        check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum))
+        check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum), increasing=True)
+    sanity_options(config)
+    if config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
+        raise ConfigError(f"config key 'road.percentages' has the value {list(config.road.percentages)}; "
+                          "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
@@ -134,6 +141,12 @@ def localization_rows(config: DictConfig, entry: str, maps: Tensor, batch: Dict[
     return rows
 
 
+def sample_seeds(seed: int, ids: Sequence[str]) -> Tensor:
+    """One noise seed per sample from the run's seed and the sample id (CRC-32): a sample's ROAD noise
+    is the same whatever batch, batch size, device or store it is scored in."""
+    return torch.tensor([zlib.crc32(f"{seed}/{sample_id}".encode()) for sample_id in ids], dtype=torch.long)
+
+
 def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
                         targets: Tensor, ids: Sequence[str]) -> List[Dict[str, Any]]:
     images = batch["image"]
@@ -142,11 +155,10 @@ def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: 
         percentages = list(config.road.percentages)
         for order in config.road.orders:
             for imputation in config.road.imputations:
-                generator = torch.Generator(device=images.device).manual_seed(config.seed)
                 curves = road_curve(model, images, maps, targets, percentages, ROAD_ORDERS[order], imputation,
-                                    generator=generator, batch_size=config.batch_size)
+                                    batch_size=config.batch_size, noise_seeds=sample_seeds(config.seed, ids))
                 name = f"road_{order}_{imputation}"
-                rows += _rows(entry, f"{name}_logit_drop", percentages, curves.logit[:, :1] - curves.logit, ids)
+                rows += _rows(entry, f"{name}_logit_drop", percentages, curves.logit_drop, ids)
                 rows += _rows(entry, f"{name}_probability", percentages, curves.probability, ids)
                 rows += _rows(entry, f"{name}_accuracy", percentages, curves.correct, ids)
     if "deletion" in config.families:
@@ -184,6 +196,22 @@ def select_samples(value: Any, keep: List[int], size: int) -> Any:
     return value
 
 
+class BatchTargets:
+    """The class each entry's maps explain, per sample of a batch: the labels, or the model's
+    predictions for maps made with ``target=prediction`` (computed once per batch, in float32)."""
+
+    def __init__(self, model: nn.Module, batch: Dict[str, Any]):
+        self.model, self.batch, self.predictions = model, batch, None
+
+    def __call__(self, target: str) -> Tensor:
+        if target != "prediction":
+            return torch.as_tensor(self.batch["label"], device=self.batch["image"].device)
+        if self.predictions is None:
+            with torch.no_grad():
+                self.predictions = self.model(self.batch["image"].float()).argmax(dim=1)
+        return self.predictions
+
+
 def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     """The long table of every score of every complete entry of the store, and what was left out."""
     config = store_config(config, store)
@@ -216,13 +244,8 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         ids = [str(i) for i in batch["id"]]
-        targets = None
-        if task == "classification":
-            targets = torch.as_tensor(batch["label"], device=device)
+        targets_of = BatchTargets(model, batch) if task == "classification" else None
         for entry in entries:
-            if task == "classification" and store.method_settings(entry).get("target") == "prediction":
-                with torch.no_grad():
-                    targets = model(batch["image"]).argmax(dim=1)
             keep = [k for k, sid in enumerate(ids) if sid not in set(left_out)]
             if not keep:
                 continue
@@ -233,15 +256,20 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             if "localization" in config.families:
                 records += localization_rows(config, entry, maps, part, kept_ids, side)
             if task == "classification":
+                targets = targets_of(store.method_settings(entry).get("target", "label"))
                 records += classification_rows(config, model, entry, maps, part, targets[keep], kept_ids)
             elif "verification" in config.families and entry.endswith("probe.similar"):
                 records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
+    sanity_layers: List[str] = []
+    if task == "classification" and "sanity" in config.families:
+        sanity_rows, sanity_layers = sanity_records(config, model, store, entries, dataset, rows, device)
+        records += sanity_rows
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out:
         print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
               f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
     context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
-               "task": task, "threshold": threshold, "dataset": dataset, "rows": rows}
+               "task": task, "threshold": threshold, "dataset": dataset, "rows": rows, "sanity_layers": sanity_layers}
     return frame, context
 
 
@@ -266,6 +294,8 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
     for prefix in ("road_morf", "road_lerf", "deletion", "insertion", "verification_deletion", "verification_insertion"):
         if frame["metric"].str.startswith(prefix).any():
             figures[prefix] = report.plot_curves(summary, prefix, output / f"curves_{prefix}.png")
+    if context["sanity_layers"]:
+        figures["sanity"] = plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
     figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
     print(table)
     print(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
@@ -315,13 +345,15 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
                if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
     parameter = varying[0] if len(varying) == 1 else "setting"
-    frames = {}
+    frames, missing = {}, {}
     for entry in entries:
         overrides = entry["overrides"]
         value = (overrides.get(parameter) if parameter != "setting"
                  else ", ".join(f"{k}={overrides.get(k)}" for k in varying) or entry["store"])
-        frame, _ = score_store(config, MapStore(entry["store"]))
+        frame, context = score_store(config, MapStore(entry["store"]))
         frames[value] = frame
+        if context["missing"]:
+            missing[value] = context["missing"]
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     table = report.sweep_table(frames, parameter, confidence=config.bootstrap.confidence,
@@ -329,5 +361,12 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     table.to_csv(output / "sweep.csv", index=False)
     report.plot_sweep(table, parameter, output / "sweep.png")
     print(table.to_string())
-    print(f"wrote {output / 'sweep.csv'} and {output / 'sweep.png'}")
+    written = [output / "sweep.csv", output / "sweep.png"]
+    if missing:  # points whose store lacks some methods: named next to the table
+        notes = pd.DataFrame([{parameter: value, "missing_methods": "; ".join(map(str, names))}
+                              for value, names in missing.items()])
+        notes.to_csv(output / "sweep_missing.csv", index=False)
+        written.append(output / "sweep_missing.csv")
+        print("methods missing from some sweep points:\n" + notes.to_string(index=False))
+    print(f"wrote {', '.join(str(path) for path in written)}")
     return pd.concat([f.assign(**{parameter: value}) for value, f in frames.items()], ignore_index=True)
