@@ -62,6 +62,7 @@ from .road import RoadCurves, noisy_linear_impute, road_curve, solve_linear_impu
 from .sanity import (  # noqa: E402  (Adebayo et al. 2018)
     RandomizationResult,
     cascading_randomization,
+    layer_blocks,
     parameterized_layers,
     spearman_correlation,
     structural_similarity_batch,
@@ -83,6 +84,7 @@ __all__ += [
     "solve_linear_imputation",
     "RandomizationResult",
     "cascading_randomization",
+    "layer_blocks",
     "parameterized_layers",
     "spearman_correlation",
     "structural_similarity_batch",
