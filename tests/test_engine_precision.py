@@ -9,7 +9,8 @@ from torch import nn
 from fame import FameConfig, explain, explain_classification, explain_feature_map, explain_verification
 from fame.data import ShapesDataset
 from fame.explain import lots_perturbation
-from fame.explain.engine import InputGradient
+from fame.explain import engine
+from fame.explain.engine import InputGradient, batch_bucket
 from fame.explain.precision import map_agreement
 
 from nets import TinyBackbone, TinyClassifier, TinyEmbedder
@@ -65,8 +66,8 @@ def test_bf16_mixed_agrees_with_float32_on_a_trained_model(trained):
     spearman = agreement["spearman"]
     print(f"bf16-mixed + channels-last: Spearman median {spearman.median():.4f}, "
           f"5th percentile {spearman.quantile(0.05):.4f}, max |diff| {agreement['max_abs_difference'].max():.4f}")
-    assert spearman.median() >= 0.9
-    assert spearman.quantile(0.05) >= 0.7
+    assert spearman.median() >= 0.99  # the agreement bar; measured 0.998 / 0.992 (with 1 and 2 threads)
+    assert spearman.quantile(0.05) >= 0.97
     assert maps.dtype == torch.float32
 
 
@@ -215,18 +216,94 @@ def test_unknown_precision_and_non_bool_flags_are_refused():
         FameConfig(channels_last="yes")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def buckets_of_compiled_steps(iterations: list, batch: int) -> set:
+    """The padded batch sizes of steps 1, 2, ... (step 0 runs eagerly) for per-sample step counts."""
+    return {batch_bucket(sum(count >= step for count in iterations), batch) for step in range(1, max(iterations) + 1)}
+
+
+def staircase_case():
+    """TinyClassifier on 8 ever brighter copies of one image: below epsilon, image k stops after
+    k + 1 steps (each loss at least 8e-4 away from epsilon at every step)."""
+    base = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = base + 0.1 * torch.arange(8).view(-1, 1, 1, 1)
+    config = FameConfig(step_size=0.05, iterations=10, blur_kernel=5, blur_sigma=1.3, epsilon=-0.319)
+    return TinyClassifier(), images, torch.zeros(8, dtype=torch.long), config
+
+
+class Staircase:
+    """Sample k of ``batch`` starts at loss k + 0.5 and each step of 1/64 on 8 x 8 pixels of a
+    1x1 convolution of weight 1 lowers it by 1: below 0.1, sample k stops after k + 1 steps."""
+
+    accepts_index = True
+
+    def __init__(self, model: nn.Module, batch: int):
+        self.model = model
+        self.start = torch.arange(batch, dtype=torch.float32) + 0.5
+
+    def __call__(self, images, index):
+        return self.start[index] + self.model(images).flatten(1).sum(dim=1)
+
+
+def unit_convolution() -> nn.Module:
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    return conv
+
+
+def staircase_config(batch: int) -> FameConfig:
+    return FameConfig(step_size=1 / 64, iterations=batch + 3, epsilon=0.1, blur_kernel=None)
+
+
 @pytest.mark.slow
-def test_compiled_step_equals_eager_with_early_stopping_buckets():
-    """torch.compile of the forward + input gradient (about 2 minutes of compiling on 2 CPU cores)."""
-    model = TinyClassifier()
-    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    targets = [0, 1, 2, 3, 4]
-    config = FameConfig(step_size=0.02, iterations=8, blur_kernel=5, blur_sigma=1.3, epsilon=-0.3)
-    eager, eager_stats = explain_classification(model, x, targets, config, return_stats=True)
-    compiled, compiled_stats = explain_classification(model, x, targets, config.replace(compile=True),
-                                                      return_stats=True)
-    assert compiled_stats.iterations.tolist() == eager_stats.iterations.tolist()
+def test_compiled_step_equals_eager_while_early_stopping_shrinks_the_buckets():
+    """torch.compile of the forward + input gradient (about a minute of compiling on 2 CPU cores)."""
+    torch._dynamo.reset()
+    model, images, targets, config = staircase_case()
+    eager, eager_stats = explain_classification(model, images, targets, config, return_stats=True)
+    before = compiled_graphs()
+    compiled, stats = explain_classification(model, images, targets, config.replace(compile=True), return_stats=True)
+    assert stats.iterations.tolist() == eager_stats.iterations.tolist() == list(range(1, 9))
+    buckets = buckets_of_compiled_steps(stats.iterations.tolist(), len(images))
+    assert buckets == {8, 4, 2, 1} and compiled_graphs() - before == len(buckets)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_compiled_graphs_depend_on_the_buckets_not_on_the_batch_sizes_of_the_calls():
+    """The objective's per-sample tensor (``start``, as long as the batch) must not make dynamo
+    recompile every bucket for a call with another batch size."""
+    torch._dynamo.reset()
+    model, before, buckets = unit_convolution(), compiled_graphs(), set()
+    for batch in (13, 11):
+        images, config = torch.zeros(batch, 1, 8, 8), staircase_config(batch)
+        eager, eager_stats = explain(model, images, Staircase(model, batch), config, return_stats=True)
+        compiled, stats = explain(model, images, Staircase(model, batch), config.replace(compile=True),
+                                  return_stats=True)
+        assert stats.iterations.tolist() == eager_stats.iterations.tolist() == list(range(1, batch + 1))
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+        buckets |= buckets_of_compiled_steps(stats.iterations.tolist(), batch)
+    assert buckets == {13, 11, 8, 4, 2, 1} and compiled_graphs() - before == len(buckets)
+
+
+def test_past_dynamos_recompile_limit_a_compiled_run_warns_and_finishes_eagerly(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine, "COMPILED_GRAPHS_LIMIT", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # the run raises it to 3 buckets + 1
+    model, images, config = unit_convolution(), torch.zeros(3, 1, 8, 8), staircase_config(3).replace(compile=True)
+    explain(model, images, Staircase(model, 3), config)
+    other_objective = type("OtherStaircase", (Staircase,), {})(model, 3)  # one more graph per bucket
+    with pytest.warns(RuntimeWarning, match="recompile_limit .*the rest of this run is eager"):
+        maps, stats = explain(model, images, other_objective, config, return_stats=True)
+    eager, eager_stats = explain(model, images, other_objective, config.replace(compile=False), return_stats=True)
+    assert stats.iterations.tolist() == eager_stats.iterations.tolist() == [1, 2, 3]
+    torch.testing.assert_close(maps, eager, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- on a GPU (benchmarks/gpu_suite.sh runs these)
@@ -251,10 +328,8 @@ def test_cuda_precisions_agree_with_float32_on_a_trained_model(trained, precisio
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_step_equals_eager_with_early_stopping():
-    model = TinyClassifier().cuda()
-    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)).cuda()
-    targets = torch.tensor([0, 1, 2, 3, 4]).cuda()
-    config = FameConfig(step_size=0.02, iterations=8, blur_kernel=5, blur_sigma=1.3, epsilon=-0.3)
+    model, x, targets, config = staircase_case()
+    model, x, targets = model.cuda(), x.cuda(), targets.cuda()
     eager, eager_stats = explain_classification(model, x, targets, config, return_stats=True)
     compiled, compiled_stats = explain_classification(model, x, targets, config.replace(compile=True,
                                                                                           channels_last=True),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Tuple, Union
@@ -283,6 +284,32 @@ def batch_bucket(size: int, largest: int) -> int:
     return min(1 << max(size - 1, 0).bit_length(), largest)
 
 
+#: Graphs of the compiled step torch may keep at least (dynamo's ``recompile_limit``): the buckets
+#: of several models, objectives and image sizes in one process (dynamo's default is 8).
+COMPILED_GRAPHS_LIMIT = 64
+
+
+def _recompile_limit_name() -> str:
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+def compile_limits(batch: int):
+    """The dynamo settings of a compiled run: room for every bucket of ``batch`` and of earlier
+    runs (``COMPILED_GRAPHS_LIMIT``), and an error instead of a silent fall-back to eager once the
+    limit is hit (``InputGradient`` turns it into a warning)."""
+    dynamo = torch._dynamo.config
+    limit = _recompile_limit_name()
+    changes = {limit: max(getattr(dynamo, limit), COMPILED_GRAPHS_LIMIT, batch.bit_length() + 2)}
+    if hasattr(dynamo, "fail_on_recompile_limit_hit") and not dynamo.suppress_errors:
+        changes["fail_on_recompile_limit_hit"] = True
+    return dynamo.patch(**changes)
+
+
+def _recompile_limit_error() -> tuple:
+    exception = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+    return (exception,) if exception is not None else ()
+
+
 class InputGradient:
     """Loss and input gradient of the active samples at x_t, in the run's precision.
 
@@ -290,7 +317,11 @@ class InputGradient:
     x_t's dtype, and autograd returns the input gradient in x_t's dtype. With ``compile`` the
     forward (and with it the backward, through AOTAutograd) is compiled once per batch bucket:
     the active samples are padded with copies of the first one, whose losses are left out of
-    the gradient, so the real samples' gradients are unchanged.
+    the gradient, so the real samples' gradients are unchanged. Only the padded images and
+    their index are static: the sizes of the objective's own tensors (per-sample targets,
+    references, a custom objective's state, all as long as the whole batch) are symbolic, so
+    a call with another batch size reuses the graphs of the buckets it shares with earlier calls.
+    Once dynamo's recompile limit is hit, the rest of the run is eager, with a warning.
     """
 
     def __init__(self, objective: ObjectiveFn, config: FameConfig, batch: int, device: torch.device, dtype):
@@ -302,7 +333,7 @@ class InputGradient:
         self.dtype = dtype
         self.batch = batch
         self.loss_scale = LossScale(config.precision == "16-mixed")
-        self.compiled = torch.compile(self._forward, dynamic=False) if config.compile else None
+        self.compiled = torch.compile(self._forward, dynamic=True) if config.compile else None
 
     def _forward(self, inputs: Tensor, index: Tensor) -> Tensor:
         with forward_autocast(self.precision, self.device):
@@ -327,6 +358,25 @@ class InputGradient:
     def _select(self, values: Tensor, active: Tensor) -> Tensor:
         return values[: active.numel()] if self.subset else values[active]
 
+    def _compiled_forward(self, inputs: Tensor, index: Tensor) -> Tensor:
+        """The compiled objective on a padded bucket; eager (with a warning) past dynamo's recompile limit."""
+        torch._dynamo.mark_static(inputs)
+        torch._dynamo.mark_static(index)
+        try:
+            return self.compiled(inputs, index)
+        except _recompile_limit_error():
+            name = _recompile_limit_name()
+            limit = getattr(torch._dynamo.config, name)
+            warnings.warn(
+                f"torch.compile hit dynamo's {name} ({limit} graphs of the FAME step in this process, one per "
+                "model, objective, image size and batch bucket); the rest of this run is eager. Raise "
+                f"torch._dynamo.config.{name} above {limit}, or call torch._dynamo.reset() between models",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.compiled = None
+            return self._forward(inputs, index)
+
     def loss(self, current: Tensor, active: Tensor, all_index: Tensor) -> Tensor:
         """L(x_t) of the active samples, without a graph (eager, also when compiled)."""
         with torch.no_grad():
@@ -338,7 +388,7 @@ class InputGradient:
         inputs, index = self._inputs(current, active, all_index, padded=self.compiled is not None)
         inputs = inputs.detach().requires_grad_(True)
         # step 0 runs eagerly: objectives validate their targets on the first call
-        forward = self.compiled if self.compiled is not None and step > 0 else self._forward
+        forward = self._compiled_forward if self.compiled is not None and step > 0 else self._forward
         while True:
             loss = self._select(self._checked(forward(inputs, index), inputs), active)
             scale = self.loss_scale.scale
@@ -395,10 +445,8 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
 
     context = ExitStack()
     context.enter_context(engine_arithmetic(config.precision, device))
-    if config.compile:  # one compiled graph per batch bucket: allow that many recompiles
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        context.enter_context(dynamo.patch(**{limit: max(getattr(dynamo, limit), batch.bit_length() + 2)}))
+    if config.compile:  # one compiled graph per batch bucket
+        context.enter_context(compile_limits(batch))
     with context:
         step_function = InputGradient(objective, config, batch, device, dtype)
         for step in range(int(config.iterations) + 1):
