@@ -60,3 +60,19 @@ class TinyBackbone(nn.Module):
 
     def forward(self, x):
         return self.head(self.stage2(self.stage1(x)).mean(dim=(2, 3)))
+
+
+class CappedMemory(nn.Module):
+    """Wraps a model and raises the allocator's error past ``capacity`` images, recording every batch."""
+
+    def __init__(self, model: nn.Module, capacity: int):
+        super().__init__()
+        self.model = model
+        self.capacity = capacity
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.capacity:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} images")
+        return self.model(x)

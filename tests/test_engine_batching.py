@@ -3,32 +3,15 @@
 import pytest
 import torch
 import torchvision
-from torch import nn
 
-from fame import FameConfig, explain_classification
+from fame import FameConfig, explain_classification, explain_verification
 from fame.explain import CPU_MAX_BATCH, find_batch_size, ram_fits, trial_fits
 from fame.explain.batching import saved_bytes
 
-from nets import TinyClassifier
+from nets import CappedMemory, TinyClassifier, TinyEmbedder
 
 SHAPE = (3, 12, 12)
 CONFIG = FameConfig(precision="bf16-mixed")
-
-
-class CappedMemory(nn.Module):
-    """Wraps a model and raises the allocator's error past ``capacity`` images, recording every batch."""
-
-    def __init__(self, model: nn.Module, capacity: int):
-        super().__init__()
-        self.model = model
-        self.capacity = capacity
-        self.batches = []
-
-    def forward(self, x):
-        self.batches.append(x.shape[0])
-        if x.shape[0] > self.capacity:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} images")
-        return self.model(x)
 
 
 @pytest.mark.parametrize("capacity,start", [(37, 8), (5, 8), (64, 4), (1, 1), (200, 16)])
@@ -39,6 +22,20 @@ def test_auto_batch_size_is_the_largest_that_fits(capacity, start):
     assert found == min(capacity, 128)
     assert all(batch <= 2 * max(capacity, start) for batch in model.batches)
     assert all(m.training for m in model.modules())  # the model is left as found
+
+
+def test_verification_batch_counts_both_modes_against_the_memory_cap():
+    model = CappedMemory(TinyEmbedder(), 24)
+    config = FameConfig(iterations=3, blur_kernel=5, blur_sigma=1.3)
+    fits = trial_fits(model, SHAPE, config, torch.device("cpu"))
+    samples = find_batch_size(model, SHAPE, config, "cpu", fits=fits, images_per_sample=2)
+    assert samples == 12
+    model.batches.clear()
+    maps = explain_verification(model, torch.rand(samples, *SHAPE), torch.rand(samples, *SHAPE), config)
+    assert max(model.batches) == 24 and maps["similar"].shape[0] == samples
+    assert find_batch_size(model, SHAPE, config, "cpu", max_batch=16, fits=fits, images_per_sample=2) == 8
+    with pytest.raises(ValueError, match="max_batch must hold one sample of 2 images"):
+        find_batch_size(model, SHAPE, config, "cpu", max_batch=1, fits=fits, images_per_sample=2)
 
 
 def test_nothing_fits_is_an_error():

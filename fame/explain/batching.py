@@ -120,13 +120,18 @@ def find_batch_size(
     start: int = 8,
     max_batch: Optional[int] = None,
     fits: Optional[Callable[[int], bool]] = None,
+    images_per_sample: int = 1,
 ) -> int:
-    """The largest batch (at most ``max_batch``) of FAME iterations on ``image_shape`` (C, H, W)
-    images that fits ``device``: doubling from ``start``, then bisecting.
+    """The largest batch of samples whose FAME iterations on ``image_shape`` (C, H, W) images fit
+    ``device``: doubling from ``start`` samples, then bisecting.
 
-    ``fits`` defaults to ``trial_fits`` on CUDA and ``ram_fits`` elsewhere (module docstring);
-    ``max_batch`` to 1024 on CUDA and ``CPU_MAX_BATCH`` elsewhere. The model is left as found.
-    Raises a RuntimeError when not even one image fits.
+    ``images_per_sample`` is the number of images the engine forwards per sample: 1 for
+    ``explain_classification``, 2 for ``explain_verification`` (its e+ and e- modes run as one
+    batch). ``fits`` and ``max_batch`` count the images of one forward pass, so a batch of B
+    samples is tried as ``images_per_sample * B`` images. ``fits`` defaults to ``trial_fits`` on
+    CUDA and ``ram_fits`` elsewhere (module docstring); ``max_batch`` to 1024 images on CUDA and
+    ``CPU_MAX_BATCH`` elsewhere. The model is left as found. Raises a RuntimeError when not even
+    one sample fits.
     """
     config = config or FameConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -135,30 +140,33 @@ def find_batch_size(
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
     if max_batch is None:
         max_batch = GPU_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
-    if start < 1 or max_batch < 1:
-        raise ValueError(f"start and max_batch must be at least 1, got {start} and {max_batch}")
+    if start < 1 or images_per_sample < 1:
+        raise ValueError(f"start and images_per_sample must be at least 1, got {start} and {images_per_sample}")
+    if max_batch < images_per_sample:
+        raise ValueError(f"max_batch must hold one sample of {images_per_sample} images, got {max_batch}")
     if fits is None:
         fits = (trial_fits if device.type == "cuda" else ram_fits)(model, image_shape, config, device)
+    most_samples = max_batch // images_per_sample
     largest_fit, smallest_failure = 0, None
-    batch = min(start, max_batch)
+    samples = min(start, most_samples)
     while True:
-        if fits(batch):
-            largest_fit = batch
-            if batch >= max_batch:
-                return batch
-            batch = min(2 * batch, max_batch)
+        if fits(samples * images_per_sample):
+            largest_fit = samples
+            if samples >= most_samples:
+                return samples
+            samples = min(2 * samples, most_samples)
         else:
-            smallest_failure = batch
+            smallest_failure = samples
             break
     while smallest_failure - largest_fit > 1:
         middle = (largest_fit + smallest_failure) // 2
-        if fits(middle):
+        if fits(middle * images_per_sample):
             largest_fit = middle
         else:
             smallest_failure = middle
     if largest_fit == 0:
         raise RuntimeError(
-            f"not even one {image_shape} image fits a FAME iteration on {device}; use smaller images, "
-            "precision='bf16-mixed', or a device with more free memory"
+            f"not even one sample ({images_per_sample} images of shape {image_shape}) fits a FAME iteration "
+            f"on {device}; use smaller images, precision='bf16-mixed', or a device with more free memory"
         )
     return largest_fit

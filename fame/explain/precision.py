@@ -18,7 +18,10 @@ around the call (as Lightning's precision plugins open around ``predict_step`` a
 and restored afterwards. Under ``Trainer(precision="bf16-true")`` / ``"16-true"`` the model's
 weights themselves are low precision: x_t still stays float32, so run such a model with
 ``"bf16-mixed"`` / ``"16-mixed"`` (autocast casts x_t for the model); ``"32"`` refuses the
-mismatch with PyTorch's dtype error.
+mismatch with PyTorch's dtype error. Such a trainer also hands ``predict_step`` the batch in
+bfloat16 / float16: x_0 is then the already rounded image (x_t starts from it in float32, and
+the map measures the perturbation against it), so such maps differ from those of the float32
+images by more than the forward pass's rounding.
 """
 
 from __future__ import annotations

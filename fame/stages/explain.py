@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
 from ..data.modules import collate_items, limited
+from ..explain import FameConfig
+from ..explain.objectives import VERIFICATION_MODES
 from ..explain.registry import MethodResult, get_method, method_names
 from ..lightning.face import FaceRecognizer, load_face_recognizer
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
@@ -31,6 +33,9 @@ from .common import TASKS, build_datamodule, split_dataset
 SIDES = ("probe", "gallery")
 #: Loader settings that do not change any map: left out of the store's identity.
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
+#: FAME's speed settings: in the store's identity only when they differ from the engine's defaults,
+#: so stores begun before configs/explainer/fame.yaml listed them still resume.
+FAME_SPEED_KEYS = ("precision", "channels_last", "compile")
 
 EXPLAIN_SCHEMA = {
     "seed": Rule(int, minimum=0),
@@ -80,6 +85,16 @@ def method_options(options: Any) -> Dict[str, Any]:
     return values
 
 
+def method_identity(options: Any, key: str) -> Dict[str, Any]:
+    """A method's config as the store records it: FAME's speed settings only where not the default."""
+    values = plain(options)
+    if values.get("name") != "fame":
+        return values
+    chosen, defaults = check_fame_options(values, key), FameConfig()
+    return {name: value for name, value in values.items()
+            if name not in FAME_SPEED_KEYS or getattr(chosen, name) != getattr(defaults, name)}
+
+
 def without_loader_keys(node: Any) -> Any:
     """A plain config with batch sizes and worker counts removed (they change no map)."""
     if isinstance(node, dict):
@@ -114,13 +129,16 @@ def explained_model(config: DictConfig) -> nn.Module:
 
 def classification_compute(method, options: Dict[str, Any], target: str, input_space: str):
     """``input_space="normalized"`` perturbs the mean/std-normalized tensor (the paper's ImageNet
-    setting) through the wrapper's ``normalize`` and ``net``; "pixels" perturbs [0, 1] images."""
+    setting) through the wrapper's ``normalize`` and ``net``; "pixels" perturbs [0, 1] images.
+    ``target="prediction"`` explains the model's top class, predicted with any autocast of the
+    caller (a ``Trainer(precision="bf16-mixed")``) switched off, so the trainer's precision cannot
+    change which class is explained."""
 
     def compute(model: nn.Module, batch: Dict[str, Any]):
         images = batch["image"]
         targets = torch.as_tensor(batch["label"], device=images.device)
         if target == "prediction":
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 targets = model(images).argmax(dim=1)
         if input_space == "normalized":
             images, model = model.normalize(images), model.net
@@ -163,15 +181,18 @@ def pair_threshold(model: nn.Module, dataset, batch_size: int, device: torch.dev
 
 def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]) -> int:
     """``batch_size=auto``: the largest batch of FAME iterations that fits the device's free memory
-    (``fame.explain.batching.find_batch_size``), for the first method's FAME settings."""
+    (``fame.explain.batching.find_batch_size``), for the FAME settings of ``explainer.fame``.
+    A verification sample costs one image per mode (e+ and e- run as one batch)."""
     from ..explain.batching import find_batch_size
 
     fame = selected_methods(config).get("fame")
     fame_config = check_fame_options(fame, "explainer.fame") if fame is not None else None
-    image = sample["image" if config.data.task == "classification" else "probe"]
+    verification = config.data.task == "verification"
+    image = sample["probe" if verification else "image"]
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
                           else "cpu")
-    size = find_batch_size(model.to(device), tuple(image.shape), fame_config, device)
+    size = find_batch_size(model.to(device), tuple(image.shape), fame_config, device,
+                           images_per_sample=len(VERIFICATION_MODES) if verification else 1)
     model.cpu()
     print(f"batch_size=auto: {size} samples per batch on {device}")
     return size
@@ -208,14 +229,15 @@ def explain(config: DictConfig) -> MapStore:
                       else {"model": plain(config.model)})
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
     model = explained_model(config)
+    batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
     methods = []
     for name, options in selected_methods(config).items():
         function = get_method(options["name"], task)
         kwargs = method_options(options)
-        settings = {"method": plain(options), "target": config.target, "input_space": config.input_space,
+        settings = {"method": method_identity(options, f"explainer.{name}"), "target": config.target, "input_space": config.input_space,
                     **model_identity}
         if kwargs.get("threshold") == "eer":  # FGGB's theta: the EER threshold of these pairs' clean scores
-            kwargs["threshold"] = settings["eer_threshold"] = pair_threshold(model, dataset, config.batch_size)[0]
+            kwargs["threshold"] = settings["eer_threshold"] = pair_threshold(model, dataset, batch_size)[0]
             print(f"{name}: threshold = EER threshold of the clean scores, {kwargs['threshold']:.4f}")
         stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
                                          new_group=config.new_group, provenance=provenance)
@@ -226,7 +248,6 @@ def explain(config: DictConfig) -> MapStore:
     if len(rows) == 0:
         print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
         return store
-    batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
                         num_workers=config.get("num_workers", 0))
     trainer_options = plain(config.trainer)
