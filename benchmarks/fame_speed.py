@@ -127,22 +127,41 @@ class Report:
         self.write()
 
     def write(self) -> None:
+        """Both files, each replaced in one step: a run cut short leaves the last complete ones."""
         self.figures["fastest_meeting_bar"] = self.fastest_meeting_bar()
-        self.json_path.write_text(json.dumps(self.figures, indent=2))
-        self.markdown_path.write_text(self.markdown())
+        self.figures["faster_checked_on_resnet50_only"] = self.faster_checked_on_resnet50_only()
+        for path, text in ((self.json_path, json.dumps(self.figures, indent=2)), (self.markdown_path, self.markdown())):
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
+
+    def _resnet50_rows_meeting_bar(self) -> list:
+        rows = self.figures["sections"].get("resnet50", {}).get("rows", [])
+        return [row for row in rows if "images_per_s" in row and meets_bar(row)]
+
+    def _trained_rows(self) -> dict:
+        return {row["setting"]: row for row in self.figures["sections"].get("trained", {}).get("rows", [])}
+
+    @staticmethod
+    def _fastest(rows: list):
+        if not rows:
+            return None
+        best = max(rows, key=lambda row: row["images_per_s"])
+        return {"setting": best["setting"], "images_per_s": best["images_per_s"]}
 
     def fastest_meeting_bar(self):
-        sections = self.figures["sections"]
-        if "resnet50" not in sections:
-            return None
-        trained = {row["setting"]: row for row in sections.get("trained", {}).get("rows", [])}
-        candidates = [row for row in sections["resnet50"]["rows"]
-                      if "images_per_s" in row and meets_bar(row)
-                      and (row["setting"] not in trained or meets_bar(trained[row["setting"]]))]
-        if not candidates:
-            return None
-        best = max(candidates, key=lambda row: row["images_per_s"])
-        return {"setting": best["setting"], "images_per_s": best["images_per_s"]}
+        """The fastest ResNet-50 setting whose maps meet the bar on ResNet-50 and on the trained
+        ResNet-18; a setting without a trained-network row has no evidence there and is not named."""
+        trained = self._trained_rows()
+        return self._fastest([row for row in self._resnet50_rows_meeting_bar()
+                              if row["setting"] in trained and meets_bar(trained[row["setting"]])])
+
+    def faster_checked_on_resnet50_only(self):
+        """The fastest setting quicker than ``fastest_meeting_bar`` that meets the bar on ResNet-50 but
+        was not run on the trained network (the compiled one is measured on ResNet-50 only), or None."""
+        trained, best = self._trained_rows(), self.fastest_meeting_bar()
+        return self._fastest([row for row in self._resnet50_rows_meeting_bar() if row["setting"] not in trained
+                              and (best is None or row["images_per_s"] > best["images_per_s"])])
 
     def markdown(self) -> str:
         f = self.figures
@@ -165,8 +184,12 @@ class Report:
             lines.append("")
         best = f.get("fastest_meeting_bar")
         if best:
-            lines.append(f"Fastest setting meeting the agreement bar on both networks: **{best['setting']}** "
-                         f"({best['images_per_s']:.1f} images/s on ResNet-50).")
+            lines.append(f"Fastest setting meeting the agreement bar on both networks (ResNet-50 and the trained "
+                         f"ResNet-18): **{best['setting']}** ({best['images_per_s']:.1f} images/s on ResNet-50).")
+        unchecked = f.get("faster_checked_on_resnet50_only")
+        if unchecked:
+            lines.append(f"Faster, meeting the bar on ResNet-50 but not run on the trained ResNet-18: "
+                         f"{unchecked['setting']} ({unchecked['images_per_s']:.1f} images/s).")
         return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,14 @@
 """The benchmark scripts run end to end at smoke sizes and write the figures they report."""
 
+import importlib
 import json
 import runpy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,3 +43,23 @@ def test_fame_speed_quick_run_reports_every_gpu_section(tmp_path, monkeypatch):
         assert reference["setting"] == "32"
         assert reference["spearman_median"] == 1.0 and reference["max_abs_difference"] == 0.0
         assert all(0 <= row["spearman_p5"] <= row["spearman_median"] <= 1 for row in rows)
+
+
+def test_the_fastest_setting_is_named_only_with_agreement_on_both_networks(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    fame_speed = importlib.import_module("fame_speed")
+    report = fame_speed.Report(tmp_path, torch.device("cpu"), SimpleNamespace(quick=True, iterations=3))
+    agreeing = {"spearman_median": 0.999, "spearman_p5": 0.99}
+    resnet50 = [{"setting": name, "images_per_s": speed, **agreeing}
+                for name, speed in (("32", 1.0), ("bf16-mixed", 3.0), ("bf16-mixed + compile", 5.0))]
+    trained = [{"setting": name, **agreeing} for name in ("32", "bf16-mixed")]
+    report.figures["sections"] = {"resnet50": {"description": "", "rows": resnet50},
+                                  "trained": {"description": "", "rows": trained}}
+    assert report.fastest_meeting_bar() == {"setting": "bf16-mixed", "images_per_s": 3.0}
+    assert report.faster_checked_on_resnet50_only() == {"setting": "bf16-mixed + compile", "images_per_s": 5.0}
+    report.write()
+    assert "not run on the trained ResNet-18: bf16-mixed + compile" in report.markdown_path.read_text()
+    trained[1]["spearman_p5"] = 0.9  # bf16 misses the bar on the trained network
+    assert report.fastest_meeting_bar()["setting"] == "32"
+    del report.figures["sections"]["trained"]  # no evidence on the trained network: nothing is named
+    assert report.fastest_meeting_bar() is None
