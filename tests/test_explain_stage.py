@@ -84,7 +84,7 @@ def test_faces_experiment_with_auto_batch_size_and_the_eer_threshold(tmp_path):
                            "trainer.enable_progress_bar=false", f"store={tmp_path}/maps.zarr"))
     assert set(store.methods) == {"fame", "corrrise", "fggb"}
     assert all(store.missing_rows(method).size == 0 for method in store.methods)
-    assert -1.0 <= store.method_settings("fggb")["eer_threshold"] <= 1.0
+    assert -1.0 <= store.method_provenance("fggb")["eer_threshold"] <= 1.0
 
 
 def test_fame_speed_settings_are_config_keys_recorded_only_off_their_defaults(tmp_path):

@@ -192,7 +192,7 @@ def test_faces_experiment_end_to_end(tmp_path):
         for output in ("similar", "dissimilar"):
             maps = store.read(f"fame/{side}.{output}")
             assert maps.shape == (4, 64, 64) and maps.min() >= 0 and maps.max() <= 1
-    assert -1.0 <= store.method_settings("fggb")["eer_threshold"] <= 1.0  # threshold: eer, from the clean pair scores
+    assert -1.0 <= store.method_provenance("fggb")["eer_threshold"] <= 1.0  # threshold: eer, from the clean pair scores
     scores = evaluate(config("evaluate", tmp_path, "experiment=faces", "logger.enabled=false", "grid_rows=2",
                              "verification.percentages=[0,50,100]", "bootstrap.resamples=20"))
     assert {"verification_deletion_auc", "verification_insertion_auc", "relevance_mass"} <= set(scores["metric"])

@@ -52,7 +52,8 @@ def layer_blocks(model: nn.Module) -> List[str]:
     and none of its own (e.g. ``fame.models.Classifier`` around its ``net``) is looked through:
     the blocks are that child's, with dotted names (``net.fc, net.layer4, ...``). The order is the
     reverse of registration order, as for ``parameterized_layers``; pass ``layers`` explicitly for
-    models whose children are registered out of forward order.
+    models whose children are registered out of forward order. Parameters the model holds itself
+    next to its children (e.g. a ViT's ``class_token``) belong to no block and stay intact.
     """
     prefix, module = "", model
     while True:

@@ -47,7 +47,7 @@ def roc_curve(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     impostor = torch.sort(scores[~labels]).values
     accepted_genuine = genuine.numel() - torch.searchsorted(genuine, thresholds, side="left")
     accepted_impostor = impostor.numel() - torch.searchsorted(impostor, thresholds, side="left")
-    return thresholds, accepted_impostor / impostor.numel(), accepted_genuine / genuine.numel()
+    return thresholds, accepted_impostor.double() / impostor.numel(), accepted_genuine.double() / genuine.numel()
 
 
 def eer_threshold(scores: Tensor, labels: Tensor) -> tuple[float, float]:

@@ -62,7 +62,7 @@ def check_evaluate_config(config: DictConfig) -> None:
     for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
         check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum), increasing=True)
     sanity_options(config)
-    if config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
+    if "road" in config.families and config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
         raise ConfigError(f"config key 'road.percentages' has the value {list(config.road.percentages)}; "
                           "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
 
@@ -262,7 +262,8 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
                 records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
     sanity_layers: List[str] = []
     if task == "classification" and "sanity" in config.families:
-        sanity_rows, sanity_layers = sanity_records(config, model, store, entries, dataset, rows, device)
+        scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
+        sanity_rows, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
         records += sanity_rows
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out:

@@ -236,11 +236,14 @@ def explain(config: DictConfig) -> MapStore:
         kwargs = method_options(options)
         settings = {"method": method_identity(options, f"explainer.{name}"), "target": config.target, "input_space": config.input_space,
                     **model_identity}
+        derived = {}
         if kwargs.get("threshold") == "eer":  # FGGB's theta: the EER threshold of these pairs' clean scores
-            kwargs["threshold"] = settings["eer_threshold"] = pair_threshold(model, dataset, batch_size)[0]
+            # provenance, not identity: it follows from the data and model (both in the identity), and
+            # the clean scores move by ~1e-7 with the batch size, which must not refuse a resumed store
+            kwargs["threshold"] = derived["eer_threshold"] = pair_threshold(model, dataset, batch_size)[0]
             print(f"{name}: threshold = EER threshold of the clean scores, {kwargs['threshold']:.4f}")
         stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
-                                         new_group=config.new_group, provenance=provenance)
+                                         new_group=config.new_group, provenance={**provenance, **derived})
         compute = (classification_compute(function, kwargs, config.target, config.input_space) if task == "classification"
                    else verification_compute(function, kwargs))
         methods.append(ExplainMethod(stored_name, compute))
