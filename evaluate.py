@@ -13,7 +13,7 @@ from fame.stages import evaluate
 def main(config: DictConfig) -> None:
     try:
         evaluate(config)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:  # a bad value or a missing file: no traceback
         print(f"evaluate.py: {error}", file=sys.stderr)
         sys.exit(2)
 

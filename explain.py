@@ -19,7 +19,7 @@ def main(config: DictConfig) -> None:
     try:
         prepare_sweep_job(config)
         explain(config)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:  # a bad value or a missing file: no traceback
         print(f"explain.py: {error}", file=sys.stderr)
         sys.exit(2)
 

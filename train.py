@@ -13,7 +13,7 @@ from fame.stages import train
 def main(config: DictConfig) -> None:
     try:
         train(config)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:  # a bad value or a missing file: no traceback
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -211,6 +211,10 @@ def test_entry_points_name_the_wrong_key_and_exit_2(tmp_path):
     assert process.returncode == 2
     assert "train.py: config key 'data.datamodule.batch_size' has the value 0" in out
     assert not (tmp_path / "train").exists()  # refused before anything was built or written
+    process = _run("evaluate.py", f"paths.output_dir={tmp_path}")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2 and "Traceback" not in out
+    assert f"evaluate.py: no map store at {tmp_path}/explain/maps.zarr; run explain.py first" in out
 
 
 def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):

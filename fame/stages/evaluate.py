@@ -241,6 +241,10 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
         threshold, eer = pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
         print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
     records: List[Dict[str, Any]] = []
+    sanity_layers: List[str] = []
+    if task == "classification" and "sanity" in config.families:  # first: its layer names are checked here
+        scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
+        records, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         ids = [str(i) for i in batch["id"]]
@@ -260,11 +264,6 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
                 records += classification_rows(config, model, entry, maps, part, targets[keep], kept_ids)
             elif "verification" in config.families and entry.endswith("probe.similar"):
                 records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
-    sanity_layers: List[str] = []
-    if task == "classification" and "sanity" in config.families:
-        scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
-        sanity_rows, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
-        records += sanity_rows
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out:
         print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
