@@ -32,7 +32,7 @@ from ..provenance import checkpoint_digest
 from ..store import MapStore
 from ..viz import save_overlay_grid
 from .common import device_of
-from .explain import explained_dataset, explained_model, pair_threshold
+from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
 from .sanity import plot_sanity, sanity_options, sanity_records
 
 ROAD_ORDERS = {"morf": True, "lerf": False}
@@ -198,7 +198,7 @@ def select_samples(value: Any, keep: List[int], size: int) -> Any:
 
 class BatchTargets:
     """The class each entry's maps explain, per sample of a batch: the labels, or the model's
-    predictions for maps made with ``target=prediction`` (computed once per batch, in float32)."""
+    predictions for maps made with ``target=prediction`` (computed once per batch)."""
 
     def __init__(self, model: nn.Module, batch: Dict[str, Any]):
         self.model, self.batch, self.predictions = model, batch, None
@@ -207,8 +207,7 @@ class BatchTargets:
         if target != "prediction":
             return torch.as_tensor(self.batch["label"], device=self.batch["image"].device)
         if self.predictions is None:
-            with torch.no_grad():
-                self.predictions = self.model(self.batch["image"].float()).argmax(dim=1)
+            self.predictions = predicted_classes(self.model, self.batch["image"])
         return self.predictions
 
 

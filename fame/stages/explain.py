@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
@@ -127,19 +127,23 @@ def explained_model(config: DictConfig) -> nn.Module:
     return network.eval()
 
 
+def predicted_classes(model: nn.Module, images: Tensor) -> Tensor:
+    """The model's top class per image (``target=prediction``), with any autocast of the caller
+    (a ``Trainer(precision="bf16-mixed")``) switched off, so no precision setting changes it."""
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        return model(images).argmax(dim=1)
+
+
 def classification_compute(method, options: Dict[str, Any], target: str, input_space: str):
     """``input_space="normalized"`` perturbs the mean/std-normalized tensor (the paper's ImageNet
     setting) through the wrapper's ``normalize`` and ``net``; "pixels" perturbs [0, 1] images.
-    ``target="prediction"`` explains the model's top class, predicted with any autocast of the
-    caller (a ``Trainer(precision="bf16-mixed")``) switched off, so the trainer's precision cannot
-    change which class is explained."""
+    ``target="prediction"`` explains the model's top class (``predicted_classes``)."""
 
     def compute(model: nn.Module, batch: Dict[str, Any]):
         images = batch["image"]
         targets = torch.as_tensor(batch["label"], device=images.device)
         if target == "prediction":
-            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                targets = model(images).argmax(dim=1)
+            targets = predicted_classes(model, images)
         if input_space == "normalized":
             images, model = model.normalize(images), model.net
         return method(model, images, targets, ids=list(batch["id"]), **options)

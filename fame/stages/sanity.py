@@ -34,7 +34,7 @@ from ..config import ConfigError, Rule, lookup
 from ..data.modules import collate_items
 from ..explain.registry import get_method
 from ..metrics.sanity import cascading_randomization, layer_blocks
-from .explain import method_options
+from .explain import method_options, predicted_classes
 
 SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
 DEFAULT_SAMPLES = 8
@@ -88,9 +88,8 @@ def _plan(model: nn.Module, images: Tensor, labels: Tensor, settings: Dict[str, 
                           f"{error}") from None
     target, input_space = settings.get("target", "label"), settings.get("input_space", "pixels")
     targets = labels
-    if target == "prediction":  # as classification_compute: the intact model's class, in float32
-        with torch.no_grad():
-            targets = model(images.float()).argmax(dim=1)
+    if target == "prediction":  # the intact model's class, as when the maps were made
+        targets = predicted_classes(model, images)
     inputs, seen = images, model
     if input_space == "normalized":
         with torch.no_grad():
