@@ -57,7 +57,7 @@ def layer_blocks(model: nn.Module) -> List[str]:
     """
     prefix, module = "", model
     while True:
-        children = [(name, child) for name, child in module.named_children() if _holds_parameters(child)]
+        children = [(name, child) for name, child in module.named_children() if holds_parameters(child)]
         if len(children) != 1 or any(True for _ in module.parameters(recurse=False)):
             break
         name, module = children[0]
@@ -68,7 +68,8 @@ def layer_blocks(model: nn.Module) -> List[str]:
     return names[::-1]
 
 
-def _holds_parameters(module: nn.Module) -> bool:
+def holds_parameters(module: nn.Module) -> bool:
+    """True when the module or any submodule has parameters."""
     return any(True for _ in module.parameters())
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, Rule, lookup
 from ..data.modules import collate_items
 from ..explain.registry import get_method
-from ..metrics.sanity import cascading_randomization, layer_blocks
+from ..metrics.sanity import cascading_randomization, holds_parameters, layer_blocks
 from .explain import method_options, predicted_classes
 
 SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
@@ -56,8 +56,7 @@ def sanity_options(config: Any) -> Tuple[int, Optional[List[str]]]:
 
 def _parameterized_names(model: nn.Module) -> List[str]:
     """Every submodule holding parameters (in its subtree), output side first."""
-    return [name for name, module in model.named_modules()
-            if name and any(True for _ in module.parameters())][::-1]
+    return [name for name, module in model.named_modules() if name and holds_parameters(module)][::-1]
 
 
 def check_layers(model: nn.Module, layers: Sequence[str], entry: str, input_space: str) -> None:
