@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import os
+from typing import Any, Dict, Iterable, Optional
 
 import lightning as L
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..config import instantiate
+from .checkpoints import load_module_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -57,6 +59,17 @@ class ImageClassifier(L.LightningModule):
         # ModuleDict keys may not shadow nn.Module attributes ("train"): the stage name is a suffix.
         self.top1 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=1) for s in ("train", "val", "test")})
         self.top5 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=min(5, classes)) for s in ("val", "test")})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
+                             strict: Optional[bool] = None, *, trust: bool = False, named_targets: Iterable[str] = (),
+                             **hyperparameters: Any) -> "ImageClassifier":
+        """An ImageClassifier from a Lightning checkpoint, which is data: read with
+        ``torch.load(weights_only=True)``, its model spec built only when it names the project's
+        builders or ``named_targets`` (see :func:`fame.lightning.checkpoints.load_module_checkpoint`);
+        ``trust=True`` for a file you made yourself. ``hyperparameters`` replace the file's."""
+        return load_module_checkpoint(cls, checkpoint_path, trust=trust, named_targets=named_targets,
+                                      map_location=map_location, strict=strict, **hyperparameters)
 
     def _num_classes(self) -> int:
         last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
@@ -112,6 +125,8 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def load_classifier(checkpoint: str, map_location: Optional[str] = "cpu") -> ImageClassifier:
-    """An ImageClassifier from a Lightning checkpoint, loaded with ``weights_only=True``."""
-    return ImageClassifier.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+def load_classifier(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu", *,
+                    trust: bool = False) -> ImageClassifier:
+    """An ImageClassifier from a Lightning checkpoint, loaded with ``weights_only=True`` (see
+    :meth:`ImageClassifier.load_from_checkpoint`)."""
+    return ImageClassifier.load_from_checkpoint(checkpoint, map_location=map_location, trust=trust)

@@ -16,7 +16,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import lightning as L
 import torch
@@ -29,6 +29,7 @@ from ..metrics.verification import verification_report
 from ..models.export import export_onnx, export_state_dict
 from ..models.face import FaceEmbedder, build_face_model
 from ..models.heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
+from .checkpoints import load_module_checkpoint
 
 #: Margin heads by the ``name`` of a head spec.
 HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMarginHead, "adaface": AdaFaceHead}
@@ -164,6 +165,27 @@ class FaceRecognizer(L.LightningModule):
         self.embedder = build_face_backbone(backbone, embedding_size).train()  # built in eval mode
         self.head = build_margin_head(head, embedding_size, num_classes)
         self._pairs: Dict[int, List[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
+                             strict: Optional[bool] = None, *, trust: bool = False, named_targets: Iterable[str] = (),
+                             **hyperparameters: Any) -> "FaceRecognizer":
+        """A FaceRecognizer from a Lightning checkpoint, which is data: read with
+        ``torch.load(weights_only=True)``, its backbone and head specs built only when they name
+        the project's builders or ``named_targets`` (see
+        :func:`fame.lightning.checkpoints.load_module_checkpoint`); ``trust=True`` for a file you
+        made yourself. ``hyperparameters`` replace the file's."""
+        return load_module_checkpoint(cls, checkpoint_path, trust=trust, named_targets=named_targets,
+                                      map_location=map_location, strict=strict, **hyperparameters)
+
+    @staticmethod
+    def hyperparameters_from_checkpoint(hyperparameters: Mapping[str, Any]) -> Dict[str, Any]:
+        """The backbone spec without the pretrained weights a run started from (``checkpoint``,
+        ``trust``): the Lightning checkpoint holds the trained ones, and the file may be gone."""
+        backbone = hyperparameters.get("backbone")
+        if not isinstance(backbone, Mapping):
+            return {}
+        return {"backbone": {key: value for key, value in backbone.items() if key not in ("checkpoint", "trust")}}
 
     @property
     def backbone_arguments(self) -> Dict[str, Any]:
@@ -338,13 +360,8 @@ class FaceRecognizer(L.LightningModule):
         return export_state_dict(self.embedder, path)
 
 
-def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu") -> FaceRecognizer:
-    """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True``.
-
-    The pretrained weights a run started from (the backbone spec's ``checkpoint``) are not read
-    again: the Lightning checkpoint holds the trained ones, and the file may be gone.
-    """
-    hyper_parameters = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-    backbone = dict(hyper_parameters.get("backbone") or {})
-    backbone.pop("checkpoint", None)
-    return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True, backbone=backbone)
+def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu", *,
+                         trust: bool = False) -> FaceRecognizer:
+    """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True`` (see
+    :meth:`FaceRecognizer.load_from_checkpoint`)."""
+    return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, trust=trust)
