@@ -17,12 +17,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, check_entries, plain, validate
+from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, plain, trusted_file, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
 from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
@@ -38,6 +38,7 @@ from .sanity import plot_sanity, sanity_options, sanity_records
 ROAD_ORDERS = {"morf": True, "lerf": False}
 ROAD_IMPUTATIONS = ("zero", "linear")
 FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
+SPLITS = ("train", "val", "test")
 
 EVALUATE_SCHEMA = {
     "seed": Rule(int, minimum=0),
@@ -68,10 +69,24 @@ def check_evaluate_config(config: DictConfig) -> None:
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
-    """The evaluate config with the data, split and limit the store's maps were made for."""
+    """The evaluate config with the data, split and limit the store's maps were made for.
+
+    The store is data: its data config may name the project's builders and the targets of this
+    config's ``data`` only (:func:`fame.config.check_file_data`), unless the user trusts the store,
+    or the sweep index that lists it, with ``trust=[PATH]``.
+    """
     meta = store.meta
-    merged = OmegaConf.merge(config, {"data": meta["data"], "split": meta.get("split", "test"),
-                                      "limit": meta.get("limit")})
+    data, split, limit = meta.get("data"), meta.get("split", "test"), meta.get("limit")
+    trusted = trusted_file(config, store.path) or bool(config.get("sweep")) and trusted_file(config, config.sweep)
+    check_file_data(data, store.path, "meta.data", trusted=trusted, named=config_targets(config.data))
+    a_limit = limit is None or isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if not isinstance(data, dict) or split not in SPLITS or not a_limit:
+        raise ConfigError(f"{store.path} records data={type(data).__name__}, split={split!r} and "
+                          f"limit={limit!r}; a store of explain.py holds a data config, a split of {', '.join(SPLITS)} "
+                          "and a limit >= 1 or null")
+    with open_dict(config):  # the store's data config may have keys the experiment's has not
+        merged = OmegaConf.merge(config, {"data": data, "split": split, "limit": limit})
+    OmegaConf.set_struct(merged, True)
     return merged
 
 

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, Rule, check_fame_options, instantiate, plain, validate
+from ..config import ConfigError, Rule, check_fame_options, config_targets, instantiate, plain, trusted_file, validate
 from ..data.modules import collate_items, limited
 from ..explain import FameConfig
 from ..explain.objectives import VERIFICATION_MODES
 from ..explain.registry import MethodResult, get_method, method_names
-from ..lightning.face import FaceRecognizer, load_face_recognizer
+from ..lightning.checkpoints import load_module_checkpoint
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..provenance import checkpoint_digest, environment
 from ..store import MapStore
@@ -115,15 +115,24 @@ def explained_dataset(config: DictConfig):
 
 def explained_model(config: DictConfig) -> nn.Module:
     """The network whose decisions are explained: the classifier (or face embedder) of a train.py
-    checkpoint, or the model built from ``config.model`` when ``checkpoint`` is null."""
+    checkpoint, or the model built from ``config.model`` when ``checkpoint`` is null.
+
+    The checkpoint is data (:func:`fame.lightning.checkpoints.load_module_checkpoint`): it must hold
+    a ``module._target_`` of the task, and its specs name the project's builders or targets this
+    config names, unless the user trusts it (``trust=[PATH]``).
+    """
     if config.checkpoint is None:
         return instantiate(config.model, "model").eval()
-    module_class = get_class(config.module._target_)
-    if module_class is FaceRecognizer:  # without re-reading the backbone file it started from
-        module = load_face_recognizer(config.checkpoint)
-    else:
-        module = module_class.load_from_checkpoint(config.checkpoint, map_location="cpu", weights_only=True)
+    module = load_module_checkpoint(get_class(config.module._target_), config.checkpoint,
+                                    trust=trusted_file(config, config.checkpoint),
+                                    named_targets=config_targets(config.model, config.module))
     network = module.embedder if config.data.task == "verification" else module.model
+    classes = config.data.get("num_classes") if config.data.task == "classification" else None
+    outputs = [layer.out_features for layer in network.modules() if isinstance(layer, nn.Linear)][-1:]
+    if classes is not None and outputs and outputs[0] != classes:
+        raise ConfigError(f"checkpoint={config.checkpoint} holds a classifier of {outputs[0]} classes, but the data has "
+                          f"data.num_classes={classes}; give the checkpoint of a model trained on this data, or the "
+                          "experiment= it was trained with")
     return network.eval()
 
 
@@ -225,6 +234,7 @@ def explain(config: DictConfig) -> MapStore:
     dataset = explained_dataset(config)
     first = dataset[0]
     size = tuple(first["image" if task == "classification" else "probe"].shape[-2:])
+    model = explained_model(config)  # before the store: a refused checkpoint leaves nothing behind
     data_identity = without_loader_keys(plain(config.data))
     store = MapStore.create_or_open(config.store, num_samples=len(dataset), size=size,
                                     meta={"task": task, "data": data_identity, "split": config.split,
@@ -232,7 +242,6 @@ def explain(config: DictConfig) -> MapStore:
     model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
                       else {"model": plain(config.model)})
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
-    model = explained_model(config)
     batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
     methods = []
     for name, options in selected_methods(config).items():

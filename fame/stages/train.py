@@ -9,16 +9,18 @@ from typing import Dict, Optional, Tuple
 
 import lightning as L
 import yaml
+from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..config import ConfigError, Rule, config_digest, instantiate, lookup, plain, validate
+from ..config import ConfigError, Rule, config_digest, config_targets, instantiate, lookup, plain, trusted_file, validate
+from ..lightning.checkpoints import check_module_checkpoint
 from ..viz import save_monitor_curves
 from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
-NOT_TRAINING = ("paths", "logger", "resume", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
+NOT_TRAINING = ("paths", "logger", "resume", "trust", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
 TRAIN_SCHEMA = {
@@ -115,6 +117,10 @@ def train(config: DictConfig) -> Dict[str, float]:
     """
     check_train_config(config)
     run_dir, resume = choose_run(config)
+    trusted = bool(resume) and trusted_file(config, resume)
+    if resume:  # a checkpoint is data: of this module, naming only known targets, before anything is written
+        check_module_checkpoint(get_class(config.module._target_), resume, trust=trusted,
+                                named_targets=config_targets(config.module, config.model))
     with open_dict(config):
         config.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +142,7 @@ def train(config: DictConfig) -> Dict[str, float]:
         loggers.append(wandb)
     trainer = L.Trainer(logger=loggers, callbacks=build_callbacks(config), default_root_dir=str(run_dir),
                         **plain(config.trainer))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trusted)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     trainer.save_checkpoint(run_dir / "model.ckpt", weights_only=True)  # every rank: it may be a collective
