@@ -60,7 +60,7 @@ def one_line_errors(script: str, config: Optional[DictConfig] = None) -> Iterato
         yield
     except USER_ERRORS as error:
         line = error_line(error)
-        if isinstance(error, CorruptSampleError) and config is not None and "skip_corrupt" in config.get("data", {}):
+        if isinstance(error, CorruptSampleError) and config is not None and config.data.get("skip_corrupt") is False:
             line += " (on the command line: data.skip_corrupt=true)"
         print(f"{script}: {line}", file=sys.stderr)
         sys.exit(2)
@@ -73,11 +73,12 @@ def check_group_choices(arguments: Sequence[str], config_dir: Path, script: str)
     Prints ``<script>: unknown <group> ...; known: ...`` on stderr and exits with 2.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     texts = [argument for argument in arguments if "=" in argument and not argument.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(texts)
-    except Exception:  # malformed overrides: Hydra's own message says what is wrong
+    except HydraException:  # malformed overrides: Hydra's own message says what is wrong
         return
     for override in overrides:
         group = config_dir / override.key_or_group
@@ -85,7 +86,7 @@ def check_group_choices(arguments: Sequence[str], config_dir: Path, script: str)
             continue
         try:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        except Exception:  # glob() and other sweeps that need Hydra's config loader
+        except HydraException:  # glob() and other sweeps that need Hydra's config loader
             continue
         names = [name for value in values for name in (value if isinstance(value, list) else [value])]
         known = sorted(path.stem for path in group.glob("*.yaml"))
