@@ -1,22 +1,23 @@
 """python evaluate.py [experiment=NAME] [sweep=INDEX] [key=value ...]: see configs/evaluate.yaml."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from fame.config import ConfigError
 from fame.stages import evaluate
+from fame.stages.common import check_group_choices, one_line_errors
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(config: DictConfig) -> None:
-    try:
+    with one_line_errors("evaluate.py", config):  # bad input: one line on stderr, exit 2, no traceback
         evaluate(config)
-    except (ConfigError, FileNotFoundError) as error:  # a bad value or a missing file: no traceback
-        print(f"evaluate.py: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], CONFIGS, "evaluate.py")
     main()

@@ -5,24 +5,25 @@ to its sweep index, which evaluate.py sweep=<index> turns into a table and a plo
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from fame.config import ConfigError
 from fame.stages import explain
+from fame.stages.common import check_group_choices, one_line_errors
 from fame.stages.sweeps import prepare_sweep_job
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @hydra.main(config_path="configs", config_name="explain", version_base="1.3")
 def main(config: DictConfig) -> None:
-    try:
+    with one_line_errors("explain.py", config):  # bad input: one line on stderr, exit 2, no traceback
         prepare_sweep_job(config)
         explain(config)
-    except (ConfigError, FileNotFoundError) as error:  # a bad value or a missing file: no traceback
-        print(f"explain.py: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], CONFIGS, "explain.py")
     main()

@@ -36,6 +36,14 @@ def config(name, output_dir, *overrides):
 def test_every_experiment_composes(tmp_path, experiment, entry):
     composed = config(entry, tmp_path, f"experiment={experiment}")
     assert composed.data.task in ("classification", "verification")
+    # each experiment writes under <output_dir>/<its name>/, so no two share a checkpoint, store or report
+    assert composed.experiment_name == experiment and composed.paths.experiment_dir == f"{tmp_path}/{experiment}"
+    defaults = {"train": {"run_root": "train/runs", "checkpoint": "train/model.ckpt"},
+                "explain": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt"},
+                "evaluate": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt", "output_dir": "evaluate"}}[entry]
+    for key, path in defaults.items():
+        if composed[key] is not None:  # imagenet and face_pairs explain a model config: checkpoint=null
+            assert composed[key] == f"{tmp_path}/{experiment}/{path}", key
 
 
 def face_pixels(seed: int, size: int = 32) -> np.ndarray:
@@ -66,7 +74,7 @@ def test_ms1m_trains_on_recordio_and_verifies_on_bin_sets(tmp_path):
                            "trainer.max_epochs=1", "trainer.precision=32-true", *QUIET))
     for name in ("lfw", "cfp_fp", "agedb_30"):
         assert f"val/{name}/acc" in metrics and metrics[f"val/{name}/pairs"] == 6
-    assert torch.load(tmp_path / "train" / "model.ckpt", weights_only=True)["hyper_parameters"]["num_classes"] == 4
+    assert torch.load(tmp_path / "ms1m" / "train" / "model.ckpt", weights_only=True)["hyper_parameters"]["num_classes"] == 4
 
 
 def test_imagenet_explains_and_scores_boxes(tmp_path, imagenet):  # noqa: F811  (the imported fixture)

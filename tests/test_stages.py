@@ -37,9 +37,9 @@ def trained(tmp_path_factory):
 def test_train_writes_checkpoint_csv_and_offline_wandb_run(trained):
     output, metrics = trained
     assert 0.0 <= metrics["val/acc"] <= 1.0 and "val/acc_top5" in metrics
-    checkpoint = torch.load(output / "train" / "model.ckpt", weights_only=True)
+    checkpoint = torch.load(output / "shapes" / "train" / "model.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["model"]["_target_"] == "fame.models.SmallCNN"
-    (run,) = (output / "train" / "runs").iterdir()
+    (run,) = (output / "shapes" / "train" / "runs").iterdir()
     assert (run / "FINISHED").exists() and (run / "last.ckpt").exists()
     assert "val/acc" in pd.read_csv(run / "csv" / "metrics.csv").columns
     runs = list((output / "wandb").glob("offline-run-*"))
@@ -83,7 +83,7 @@ def test_train_config_errors_name_the_key(tmp_path):
 
 def test_a_finished_run_is_not_resumed_by_another_configuration(trained, capsys):
     output, _ = trained
-    runs = output / "train" / "runs"
+    runs = output / "shapes" / "train" / "runs"
     before = set(runs.iterdir())
     train(config("train", output, *QUICK_TRAIN, "seed=1", "logger.enabled=false"))  # another seed: a new run
     assert "training in" in capsys.readouterr().out
@@ -115,7 +115,7 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
     assert set(scores["method"]) <= {"fame", "gradcam", "random"}
     assert {"pointing_game", "relevance_mass", "road_morf_zero_logit_drop", "road_lerf_linear_accuracy",
             "deletion_auc", "insertion_auc", "pr_auc"} <= set(scores["metric"])
-    report = output / "evaluate"
+    report = output / "shapes" / "evaluate"
     assert {"method", "metric", "level", "value", "sample_id"} <= set(pd.read_csv(report / "scores.csv").columns)
     assert "gradcam" in (report / "metrics.md").read_text()
     assert (report / "overlays.png").stat().st_size > 1000 and (report / "curves_road_morf.png").exists()
@@ -196,7 +196,7 @@ def test_faces_experiment_end_to_end(tmp_path):
     scores = evaluate(config("evaluate", tmp_path, "experiment=faces", "logger.enabled=false", "grid_rows=2",
                              "verification.percentages=[0,50,100]", "bootstrap.resamples=20"))
     assert {"verification_deletion_auc", "verification_insertion_auc", "relevance_mass"} <= set(scores["metric"])
-    assert "Deletion AUC" in (tmp_path / "evaluate" / "metrics.md").read_text()
+    assert "Deletion AUC" in (tmp_path / "faces" / "evaluate" / "metrics.md").read_text()
 
 
 def _run(script, *overrides, **popen):
@@ -210,11 +210,11 @@ def test_entry_points_name_the_wrong_key_and_exit_2(tmp_path):
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "train.py: config key 'data.datamodule.batch_size' has the value 0" in out
-    assert not (tmp_path / "train").exists()  # refused before anything was built or written
+    assert not (tmp_path / "shapes").exists()  # refused before anything was built or written
     process = _run("evaluate.py", f"paths.output_dir={tmp_path}")
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 2 and "Traceback" not in out
-    assert f"evaluate.py: no map store at {tmp_path}/explain/maps.zarr; run explain.py first" in out
+    assert f"evaluate.py: no map store at {tmp_path}/shapes/explain/maps.zarr; run explain.py first" in out
 
 
 def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):
@@ -222,13 +222,13 @@ def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):
                  "trainer.enable_progress_bar=false", "logger.enabled=false"]
     process = _run("train.py", *overrides)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "train" / "runs").glob("*/last.ckpt")):
+    while time.time() < deadline and not list((tmp_path / "shapes" / "train" / "runs").glob("*/last.ckpt")):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.05)
     time.sleep(0.2)  # let the checkpoint finish writing (a truncated one is skipped: test_train_skips_a_truncated...)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    (run,) = (tmp_path / "train" / "runs").iterdir()
+    (run,) = (tmp_path / "shapes" / "train" / "runs").iterdir()
     assert not (run / "FINISHED").exists()
     epoch = torch.load(run / "last.ckpt", weights_only=True)["epoch"]
     assert epoch == 0
@@ -236,7 +236,7 @@ def test_kill_9_mid_training_resumes_from_the_last_epoch(tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"resuming the unfinished run {run}" in out
-    assert (run / "FINISHED").exists() and len(list((tmp_path / "train" / "runs").iterdir())) == 1
+    assert (run / "FINISHED").exists() and len(list((tmp_path / "shapes" / "train" / "runs").iterdir())) == 1
     assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickletools
 import shutil
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
-NOT_TRAINING = ("paths", "logger", "resume", "trust", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
+NOT_TRAINING = ("paths", "experiment_name", "logger", "resume", "trust", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
 TRAIN_SCHEMA = {
@@ -49,8 +50,47 @@ def check_train_config(config: DictConfig) -> None:
     resume = lookup(config, "resume")
     if not (resume in ("auto", False) or (isinstance(resume, str) and resume.endswith(".ckpt"))):
         raise ConfigError(f"config key 'resume' has the value {resume!r}; allowed: auto, false or the path of a .ckpt file")
-    if isinstance(resume, str) and resume != "auto" and not Path(resume).is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file")
+    if isinstance(resume, str) and resume != "auto":
+        check_resume_checkpoint(Path(resume))
+
+
+#: What a Lightning checkpoint needs to resume training (a weights-only one has the state_dict only).
+RESUME_KEYS = ("state_dict", "optimizer_states", "loops")
+
+
+def check_resume_checkpoint(path: Path) -> None:
+    """Refuse a ``resume=`` file that is not a complete training checkpoint, before a run folder is
+    written next to it: it must be an intact torch zip archive (every member's CRC checked) whose
+    pickle names ``RESUME_KEYS``. The pickle is only scanned for its strings, never unpickled."""
+    if not path.is_file():
+        raise ConfigError(f"resume={str(path)!r}: no such checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+            strings = set()
+            if pickles and damaged is None:
+                strings = {argument for _, argument, _ in pickletools.genops(archive.read(pickles[0]))
+                           if isinstance(argument, str)}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ConfigError(f"resume={str(path)!r} is not a readable checkpoint ({error}; a torch checkpoint is a zip "
+                          "archive): pass the last.ckpt of an unfinished run, or resume=auto") from error
+    if damaged is not None:
+        raise ConfigError(f"resume={str(path)!r} is damaged (member {damaged} fails its CRC check): pass another "
+                          "checkpoint of the run, or resume=auto")
+    missing = [key for key in RESUME_KEYS if key not in strings]
+    if missing:
+        raise ConfigError(f"resume={str(path)!r} cannot resume training: it lacks {missing} (a weights-only model.ckpt "
+                          "or not a Lightning checkpoint); pass the last.ckpt of an unfinished run, or resume=auto")
+
+
+def check_training_data(datamodule) -> None:
+    """Set up the training data before any run folder exists, so that a data folder that is missing or
+    empty, or a training split smaller than one batch, is a ConfigError and not a failure inside fit."""
+    try:
+        datamodule.setup("fit")
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"data.datamodule: {error}") from error
 
 
 def training_digest(config: DictConfig) -> str:
@@ -116,6 +156,9 @@ def train(config: DictConfig) -> Dict[str, float]:
     Returns the final validation metrics.
     """
     check_train_config(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(config)
+    check_training_data(datamodule)
     run_dir, resume = choose_run(config)
     trusted = bool(resume) and trusted_file(config, resume)
     if resume:  # a checkpoint is data: of this module, naming only known targets, before anything is written
@@ -130,8 +173,6 @@ def train(config: DictConfig) -> Dict[str, float]:
     else:
         print(f"training in {run_dir}")
 
-    L.seed_everything(config.seed, workers=True)
-    datamodule = build_datamodule(config)
     if config.data.get("num_classes", 0) is None:  # read from the data (e.g. a RecordIO header)
         with open_dict(config):
             config.data.num_classes = int(datamodule.num_classes)
