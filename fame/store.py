@@ -427,27 +427,27 @@ def _close_writers(writers: Dict[str, _Writer]) -> None:
 class StoreClaim:
     """An exclusive advisory lock (``fcntl.flock``) on a store's ``.run.lock`` for one run's lifetime.
 
-    The kernel releases it when the process ends, killed or not, so it never goes stale; forked
-    processes (``ddp_fork`` ranks) share it. Use as a context manager or call :meth:`release`.
+    Held until :meth:`release`, the end of a ``with`` block, or until the object is collected; the
+    kernel releases it when the process ends, killed or not, so it never goes stale. Forked
+    processes (``ddp_fork`` ranks) share it.
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self._descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._descriptor, 4096, 0).decode(errors="replace").strip() or "a process"
-            os.close(self._descriptor)
+            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "a process"
+            os.close(descriptor)
             raise StoreBusy(f"the map store at {path.parent} is being written by another explain run ({holder}); "
                             "wait for it to finish (its rows are then skipped), or write to another store path") from None
-        os.ftruncate(self._descriptor, 0)
-        os.pwrite(self._descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+        self._release = weakref.finalize(self, os.close, descriptor)  # closing the descriptor releases the lock
 
     def release(self) -> None:
-        if self._descriptor >= 0:
-            os.close(self._descriptor)  # closing the last descriptor releases the lock
-            self._descriptor = -1
+        self._release()
 
     def __enter__(self) -> "StoreClaim":
         return self
@@ -837,7 +837,7 @@ def convert(old: PathLike, new: PathLike, rows_per_step: int = 256) -> MapStore:
     source = zarr.open_group(str(old), mode="r", zarr_format=3)
     size = (int(attributes["height"]), int(attributes["width"]))
     target = MapStore.create_or_open(new, int(attributes["num_samples"]), size, meta=attributes.get("meta") or {})
-    ids = np.asarray(source["ids"][:]).astype(str)
+    ids = np.array([str(sample_id) for sample_id in np.asarray(source["ids"][:]).astype(object)], dtype=object)
     for method in sorted(entry.name for entry in old.iterdir() if entry.is_dir() and not entry.name.startswith(".")):
         record = _read_attributes(old / method)
         if record is None or "settings" not in record:
