@@ -328,9 +328,9 @@ class _EntryIndex:
         number = self._segment_numbers[name]
         rows = np.asarray(record["rows"], dtype=np.int64)
         offsets = np.asarray(record["offsets"], dtype=np.int64)
-        keep = np.array([(name, int(offset)) not in self.discarded for offset in offsets], dtype=bool)
-        if not self.discarded:
-            keep[:] = True
+        keep = np.ones(len(rows), dtype=bool)
+        if self.discarded:
+            keep = np.array([(name, int(offset)) not in self.discarded for offset in offsets], dtype=bool)
         current = self.segment[rows]
         for k in np.flatnonzero(keep & (current >= 0)):  # a second copy: the later writer's wins
             keep[k] = (name, int(offsets[k])) > (self.segments[current[k]], int(self.offset[rows[k]]))

@@ -110,6 +110,19 @@ def test_an_unfinished_index_line_is_a_batch_in_flight(tmp_path):
     assert store.missing_rows("fame").tolist() == list(range(4, 40)) and store.ids == [f"id-{row}" for row in range(4)]
 
 
+def test_a_damaged_index_line_is_reported_and_its_rows_read_as_missing(tmp_path):
+    path = tmp_path / "maps.zarr"
+    write_rows(path, list(range(8)), batch_size=4)
+    (index,) = (path / "fame").glob("*.index")
+    data = bytearray(index.read_bytes())
+    data[20] ^= 0x01  # inside the first line's JSON
+    index.write_bytes(bytes(data))
+    with pytest.warns(fame.store.DamagedIndexWarning, match="line 1 after byte 0 fails its checksum"):
+        store = MapStore(path)
+        assert store.missing_rows("fame").tolist() == [0, 1, 2, 3, *range(8, 40)]
+    np.testing.assert_array_equal(store.read("fame", ["id-5"]), synthetic(5)[None].astype(np.float16))
+
+
 def stage_config(output, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(config_name="explain", overrides=[
