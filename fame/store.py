@@ -717,7 +717,7 @@ class MapStore:
             return
         if rows.min() < 0 or rows.max() >= self.num_samples or len(np.unique(rows)) != len(rows):
             raise ValueError(f"rows must be distinct dataset indices in [0, {self.num_samples}), got {rows.tolist()}")
-        half = maps.astype(np.float16)
+        half = torch.from_numpy(np.ascontiguousarray(maps)).half().numpy()  # as numpy's cast, several times faster
         broken = ~np.isfinite(half).all(axis=(1, 2))
         if broken.any():
             raise ValueError(f"{entry}: maps of {[ids[i] for i in np.flatnonzero(broken)[:5]]} are not finite "
