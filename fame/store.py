@@ -251,6 +251,35 @@ def _parse_index_line(line: bytes) -> Optional[Dict]:
     return record if isinstance(record, dict) else None
 
 
+SEGMENT_NAME = re.compile(r"[0-9a-f]{16}-[0-9]+-[0-9a-f]{8}-[0-9]{4}" + re.escape(SEGMENT_SUFFIX))
+
+
+def _well_formed(record: Dict, num_samples: int) -> bool:
+    """Whether an index record names segments of this entry and rows of this store, with one
+    offset, length, CRC-32 and stats row per row (the file is data: nothing else is used)."""
+    def rows_in_range(values) -> bool:
+        return all(isinstance(value, int) and 0 <= value < num_samples for value in values)
+
+    def counts(values) -> bool:
+        return all(isinstance(value, int) and value >= 0 for value in values)
+
+    if "discard" in record:
+        return isinstance(record["discard"], list) and all(
+            isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and SEGMENT_NAME.fullmatch(item[0])
+            and isinstance(item[1], int) for item in record["discard"])
+    try:
+        size = len(record["rows"])
+        return (isinstance(record["segment"], str) and bool(SEGMENT_NAME.fullmatch(record["segment"]))
+                and rows_in_range(record["rows"]) and len(set(record["rows"])) == size
+                and all(isinstance(sample_id, str) for sample_id in record["ids"])
+                and all(len(record[key]) == size for key in ("ids", "offsets", "lengths", "crc32", "stats"))
+                and counts(record["offsets"]) and counts(record["lengths"]) and counts(record["crc32"])
+                and all(isinstance(line, list) and len(line) == len(STAT_NAMES) and all(
+                    value is None or isinstance(value, (int, float)) for value in line) for line in record["stats"]))
+    except (KeyError, TypeError):
+        return False
+
+
 def _has_index_lines(directory: Path) -> bool:
     """Whether any writer finished an index line in ``directory`` or its output directories."""
     for path in list(directory.glob(f"*{INDEX_SUFFIX}")) + list(directory.glob(f"*/*{INDEX_SUFFIX}")):
@@ -309,9 +338,12 @@ class _EntryIndex:
             end = data.rfind(b"\n") + 1  # an unfinished last line is a batch in flight (or killed mid-write)
             for number, line in enumerate(data[:end].splitlines()):
                 record = _parse_index_line(line)
+                if record is not None and not _well_formed(record, self.num_samples):
+                    record = None
                 if record is None:
-                    warnings.warn(f"{path}: line {number + 1} after byte {start} fails its checksum; the rows it "
-                                  "names read as missing and explain.py recomputes them", DamagedIndexWarning)
+                    warnings.warn(f"{path}: line {number + 1} after byte {start} fails its checksum or is not an index "
+                                  "record; the rows it names read as missing and explain.py recomputes them",
+                                  DamagedIndexWarning)
                     continue
                 fresh.append(record)
             self._consumed[path.name] = start + end

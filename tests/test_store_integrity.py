@@ -117,10 +117,23 @@ def test_a_damaged_index_line_is_reported_and_its_rows_read_as_missing(tmp_path)
     data = bytearray(index.read_bytes())
     data[20] ^= 0x01  # inside the first line's JSON
     index.write_bytes(bytes(data))
-    with pytest.warns(fame.store.DamagedIndexWarning, match="line 1 after byte 0 fails its checksum"):
+    with pytest.warns(fame.store.DamagedIndexWarning, match="line 1 after byte 0 fails its checksum or is not an index record"):
         store = MapStore(path)
         assert store.missing_rows("fame").tolist() == [0, 1, 2, 3, *range(8, 40)]
     np.testing.assert_array_equal(store.read("fame", ["id-5"]), synthetic(5)[None].astype(np.float16))
+
+
+@pytest.mark.parametrize("change", [{"segment": "../../../etc/passwd"}, {"rows": [-1]}, {"rows": [40]},
+                                    {"offsets": ["0"]}, {"stats": [[1, 2]]}])
+def test_an_index_record_with_a_valid_checksum_is_still_checked(tmp_path, change):
+    """Index files are data: a record naming a file outside the entry or rows outside the store is not used."""
+    path = tmp_path / "maps.zarr"
+    write_rows(path, [0], batch_size=1)
+    (index,) = (path / "fame").glob("*.index")
+    record = fame.store._parse_index_line(index.read_bytes().strip())
+    index.write_bytes(fame.store._index_line({**record, **change}))
+    with pytest.warns(fame.store.DamagedIndexWarning, match="is not an index record"):
+        assert MapStore(path).missing_rows("fame").size == 40
 
 
 def stage_config(output, *overrides):
