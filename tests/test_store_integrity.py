@@ -15,9 +15,11 @@ import zarr
 from hydra import compose, initialize_config_dir
 
 import fame.store
+import store_worker
 from fame.config import ConfigError
+from fame.lightning import EmptyMapWarning
 from fame.stages import explain
-from fame.store import DamagedMaps, LegacyStore, MapStore, StoreBusy
+from fame.store import DamagedMaps, LegacyStore, MapStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (6, 5)
@@ -198,21 +200,43 @@ def test_a_run_that_failed_in_a_method_does_not_block_the_corrected_rerun(tmp_pa
     assert store.method_settings("gradcam")["method"]["layer"] is None
 
 
-def test_a_second_explain_run_on_a_store_is_refused_until_the_first_ends(tmp_path):
+def test_explain_py_is_refused_while_another_run_holds_the_store(tmp_path):
     store = explain(stage_config(tmp_path, "explainer=[random]"))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fame.store import MapStore; "
-                               "claim = MapStore(sys.argv[1]).claim(); print('held', flush=True); time.sleep(60)",
-                               str(store.path)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ConfigError, match=rf"being written by another explain run \(pid {holder.pid} on .*\); wait"):
+    with store.claim():
+        with pytest.raises(ConfigError, match=rf"being written by another explain run \(pid {os.getpid()} on .*\); wait"):
             explain(stage_config(tmp_path, "explainer=[random]"))
-        with pytest.raises(StoreBusy):
-            store.claim()
-    finally:
-        holder.kill()  # SIGKILL: the kernel releases the lock
-        holder.wait()
     assert explain(stage_config(tmp_path, "explainer=[random]")).missing_rows("random").size == 0
+
+
+def test_a_second_run_is_refused_while_the_first_writes_and_a_killed_run_leaves_no_lock(tmp_path):
+    """Two runs as explain.py makes them (tests/store_worker.py): the second is refused in one line
+    while the first writes; after a kill -9 of the first, the rerun computes exactly the missing rows."""
+    path, trace = tmp_path / "maps.zarr", tmp_path / "trace"
+    first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "store_worker.py"), str(path), "--samples", "15",
+                              "--batch-size", "2", "--delay", "0.3", "--trace", str(trace)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((path / "random").exists() and MapStore(path).completed("random").any()):
+            time.sleep(0.05)
+        with pytest.raises(ConfigError, match=rf"another explain run \(pid {first.pid} on "):
+            store_worker.explain(path, samples=15, batch_size=2)
+    finally:
+        first.kill()  # SIGKILL mid-run: the kernel releases its lock
+        first.wait()
+    store = MapStore(path)
+    missing = {method: [f"img-{row:03d}" for row in store.missing_rows(method)] for method in ("fame", "random")}
+    assert 0 < len(missing["random"]) < 15
+    for part in tmp_path.glob("trace.*"):
+        part.unlink()
+    with pytest.warns(EmptyMapWarning):
+        store_worker.explain(path, samples=15, batch_size=2, trace=str(trace))
+    computed = {}
+    for part in tmp_path.glob("trace.*"):
+        for line in part.read_text().splitlines():
+            method, sample_id = line.split()
+            computed.setdefault(method, []).append(sample_id)
+    assert {method: sorted(ids) for method, ids in computed.items()} == {m: ids for m, ids in missing.items() if ids}
 
 
 def legacy_store(path: Path, maps: np.ndarray, ids, done) -> None:
