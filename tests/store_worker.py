@@ -63,14 +63,26 @@ class Compute:
 def explain(store_path, samples: int, batch_size: int, devices: int = 1, strategy: str = "auto",
             delay: float = 0.0, trace: str | None = None, methods=("fame", "random")) -> MapStore:
     """Explain ``NoiseImages(samples)`` into the store at ``store_path`` as explain.py does."""
-    import lightning as L  # imported here so that ``create`` processes start quickly
+    from fame.stages.explain import claim_for_run  # imported here so that ``create`` processes start quickly
+
+    dataset = NoiseImages(samples)
+    store = MapStore.create_or_open(store_path, num_samples=samples, size=(SIZE, SIZE), meta={"data": "noise"})
+    claim = claim_for_run(store)  # as explain.py: the launched DDP rank writes without it
+    try:
+        return explain_rows(store, dataset, batch_size, devices, strategy, delay, trace, methods)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def explain_rows(store, dataset, batch_size, devices, strategy, delay, trace, methods) -> MapStore:
+    """The rows of ``dataset`` still missing in ``store``, explained through ``Trainer.predict``."""
+    import lightning as L
     from torch.utils.data import DataLoader
 
     from fame.lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
     from nets import TinyClassifier
 
-    dataset = NoiseImages(samples)
-    store = MapStore.create_or_open(store_path, num_samples=samples, size=(SIZE, SIZE), meta={"data": "noise"})
     entries = [ExplainMethod(store.begin_method(name, SETTINGS[name], provenance={"script": __file__}),
                              Compute(name, SETTINGS[name]["options"], delay, trace)) for name in methods]
     rows = MissingRows(dataset, store, [entry.name for entry in entries])

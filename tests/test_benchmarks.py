@@ -63,3 +63,18 @@ def test_the_fastest_setting_is_named_only_with_agreement_on_both_networks(tmp_p
     assert report.fastest_meeting_bar()["setting"] == "32"
     del report.figures["sections"]["trained"]  # no evidence on the trained network: nothing is named
     assert report.fastest_meeting_bar() is None
+
+
+def test_store_scale_quick_run_reports_every_figure(tmp_path, monkeypatch):
+    run_script("store_scale.py", ["--quick", "--threads", 1, "--work", tmp_path, "--out", tmp_path], monkeypatch)
+    figures = json.loads((tmp_path / "store_scale_quick.json").read_text())
+    assert "| 640 | 32 |" in (tmp_path / "store_scale_quick.md").read_text()
+    assert [row["rows"] for row in figures["scale"]] == [64, 640]
+    for row in figures["scale"]:
+        assert row["write_maps_per_s"] > 0 and row["read_maps_per_s"] > 0 and row["batch_read_median_s"] > 0
+        assert 0 < row["bytes_per_map"] < row["raw_bytes_per_map"]  # compressed
+    assert figures["scale"][1]["files_per_map"] <= 0.01  # segment and index files, not one per map
+    (evaluated,) = figures["evaluate"]
+    assert evaluated["rows"] == 40 and evaluated["scores"] > 0
+    assert 0 < evaluated["store_seconds"] < evaluated["seconds"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store_scale_quick.json", "store_scale_quick.md"]

@@ -210,6 +210,9 @@ class EmptyMapWarning(UserWarning):
 class MapWriter(BasePredictionWriter):
     """Writes each rank's maps into the map store as batches finish: no collectives, no waiting.
 
+    Each rank appends to segment and index files of its own (see :mod:`fame.store`), so ranks never
+    share a file, and a rank killed mid-batch loses only the batches it had in flight.
+
     When predicting ends, rank zero warns about samples with empty maps (zero FAME steps, read
     from the store's statistics) and appends a JSON line to ``<store>.runs.jsonl`` with the
     environment, the world size and per-method timings summed over ranks.
@@ -247,6 +250,7 @@ class MapWriter(BasePredictionWriter):
             self._samples[method] += prediction.samples[method]
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._store.close()  # this rank's segment and index files are complete
         methods = list(self._seconds)
         local = torch.tensor([[self._seconds[m], self._samples[m]] for m in methods] + [[self._write_seconds, 0.0]],
                              dtype=torch.float64, device=pl_module.device)
@@ -264,7 +268,7 @@ class MapWriter(BasePredictionWriter):
         for method, timing in timings.items():
             log.info("%s: %d maps in %.1f s of compute (%.1f ms per sample, all ranks)",
                      method, timing["samples"], timing["seconds"], timing["ms_per_sample"])
-        store = MapStore(self.store_path)
+        store = self._store
         empty = self._warn_empty_maps(store, [entry for method in methods for entry in store.outputs(method)])
         record = {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -29,7 +29,7 @@ from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
 from ..metrics.localization import LOCALIZATION_METRICS, boxes_to_masks
 from ..metrics.road import road_curve
 from ..provenance import checkpoint_digest
-from ..store import MapStore
+from ..store import DamagedMaps, MapStore
 from ..viz import save_overlay_grid
 from .common import device_of
 from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
@@ -268,7 +268,10 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             if not keep:
                 continue
             kept_ids = [ids[k] for k in keep]
-            maps = torch.from_numpy(store.read(entry, kept_ids)).unsqueeze(1).to(device)
+            try:
+                maps = torch.from_numpy(store.read(entry, kept_ids)).unsqueeze(1).to(device)
+            except DamagedMaps as error:  # one line naming the rows and ids: explain.py recomputes them
+                raise ConfigError(str(error)) from None
             part = {k: select_samples(v, keep, len(ids)) for k, v in batch.items()}
             side = entry.split("/")[-1].split(".")[0] if task == "verification" else None
             if "localization" in config.families:

@@ -8,9 +8,10 @@ and so on.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -27,7 +28,7 @@ from ..explain.registry import MethodResult, get_method, method_names
 from ..lightning.checkpoints import load_module_checkpoint
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..provenance import checkpoint_digest, environment
-from ..store import MapStore
+from ..store import MapStore, StoreBusy, StoreClaim
 from .common import TASKS, build_datamodule, split_dataset
 
 SIDES = ("probe", "gallery")
@@ -217,6 +218,34 @@ def method_outputs(config: DictConfig) -> List[str]:
     return [f"{side}.{output}" for side in SIDES for output in ("similar", "dissimilar")]
 
 
+def launched_rank() -> int:
+    """This process's rank when a launcher (Lightning's DDP, torchrun, SLURM) started it as one of
+    several processes of a run; 0 for the process that starts a run."""
+    ranks = [os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")]
+    return max([int(rank) for rank in ranks if rank is not None and rank.isdigit()] or [0])
+
+
+def claim_for_run(store: MapStore) -> Optional[StoreClaim]:
+    """The store's run lock, taken by the process that starts the run (the ranks it launches write
+    alongside it without the lock); a store another run holds is a ConfigError naming that run."""
+    if launched_rank() != 0:
+        return None
+    try:
+        return store.claim()
+    except StoreBusy as error:
+        raise ConfigError(str(error)) from None
+
+
+def recompute_damaged(store: MapStore, methods: List[str]) -> None:
+    """Mark maps whose bytes are missing, cut short or altered as missing, so this run recomputes them."""
+    for method in methods:
+        for entry in store.outputs(method):
+            damaged = store.discard_damaged(entry)
+            if damaged:
+                print(f"{entry}: {len(damaged)} stored maps are damaged (missing, cut short or failing their "
+                      f"checksum), e.g. {', '.join(damaged[:5])}; recomputing them")
+
+
 def explain(config: DictConfig) -> MapStore:
     """Explain the dataset of ``config.data`` with every method of ``config.explainer``
     (or, when ``config.featuremap`` is set, run the feature-map experiment instead).
@@ -239,6 +268,17 @@ def explain(config: DictConfig) -> MapStore:
     store = MapStore.create_or_open(config.store, num_samples=len(dataset), size=size,
                                     meta={"task": task, "data": data_identity, "split": config.split,
                                           "limit": config.limit})
+    claim = claim_for_run(store)  # another explain run on this store is refused while this one writes
+    try:
+        return explain_into(config, store, dataset, first)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def explain_into(config: DictConfig, store: MapStore, dataset, first: Dict[str, Any]) -> MapStore:
+    """The rest of :func:`explain`, once the store is open (and claimed by the run's first process)."""
+    task = config.data.task
     model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
                       else {"model": plain(config.model)})
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
@@ -260,6 +300,7 @@ def explain(config: DictConfig) -> MapStore:
         compute = (classification_compute(function, kwargs, config.target, config.input_space) if task == "classification"
                    else verification_compute(function, kwargs))
         methods.append(ExplainMethod(stored_name, compute))
+    recompute_damaged(store, [method.name for method in methods])
     rows = MissingRows(dataset, store, [method.name for method in methods])
     if len(rows) == 0:
         print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
