@@ -15,12 +15,13 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, instantiate, plain
 from ..data.images import CorruptSampleError
-from ..store import StoreMismatch
+from ..store import StoreError, StoreMismatch
 
 TASKS = ("classification", "verification")
 #: What an entry point reports as one line on stderr with exit status 2: a config value, a missing
-#: file, a store made with other settings, an unreadable sample.
-USER_ERRORS = (ConfigError, FileNotFoundError, StoreMismatch, CorruptSampleError)
+#: file, a store that cannot serve this run (other settings, damaged maps, busy, an old layout), an
+#: unreadable sample.
+USER_ERRORS = (ConfigError, FileNotFoundError, StoreError, CorruptSampleError)
 #: Longest value shown for one differing key of a store.
 SHOWN_VALUE = 80
 
