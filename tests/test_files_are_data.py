@@ -47,10 +47,12 @@ def truncates(path):
     return {"_target_": "builtins.open", "file": str(path), "mode": "w"}
 
 
-def save_module(module, path, **hyperparameters):
-    """A weights-only Lightning checkpoint of ``module`` with its hyper-parameters (``hyperparameters`` replacing some)."""
+def save_module(module, path, training_state=False, **hyperparameters):
+    """A weights-only Lightning checkpoint of ``module`` with its hyper-parameters (``hyperparameters`` replacing some);
+    ``training_state`` adds the (empty) optimizer and loop states that a resumable checkpoint has."""
+    extra = {"optimizer_states": [], "loops": {}} if training_state else {}
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": {**dict(module.hparams), **hyperparameters},
-                "pytorch-lightning_version": L.__version__}, path)
+                "pytorch-lightning_version": L.__version__, **extra}, path)
     torch.load(path, weights_only=True)  # what the README promises: it loads weights-only
     return path
 
@@ -205,7 +207,8 @@ def test_explain_refuses_a_crafted_checkpoint_before_writing_anything(tmp_path, 
 def test_train_refuses_to_resume_a_crafted_checkpoint_before_writing_anything(tmp_path, classifier):
     created, runs = tmp_path / "created.txt", tmp_path / "runs"
     runs.mkdir()
-    path = save_module(classifier, runs / "sent.ckpt", model={**SMALL_CNN, "widths": [writes(created)]})
+    path = save_module(classifier, runs / "sent.ckpt", training_state=True,
+                       model={**SMALL_CNN, "widths": [writes(created)]})
     line = one_line_refusal(run("train.py", f"paths.output_dir={tmp_path / 'out'}", f"resume={path}", "limit=8",
                                 "logger.enabled=false"))
     assert line.startswith(f"train.py: {path} holds hyper_parameters.model.widths.0._target_ = 'pathlib.Path.write_text'")
@@ -221,7 +224,7 @@ def test_evaluate_refuses_a_crafted_checkpoint(tmp_path, classifier):
     with pytest.raises(UntrustedFileError, match=r"hyper_parameters.model.dropout._target_ = 'pathlib.Path.write_text'"):
         evaluate(config("evaluate", tmp_path, f"store={store.path}", f"checkpoint={path}", "logger.enabled=false",
                         "families=[localization]"))
-    assert not created.exists() and not (tmp_path / "evaluate").exists()
+    assert not created.exists() and not (tmp_path / "shapes" / "evaluate").exists()
 
 
 def test_trust_or_the_command_line_lets_a_users_own_target_through(tmp_path):
@@ -256,7 +259,7 @@ def test_a_resumed_run_does_not_build_what_its_saved_config_names(tmp_path):
     quick = ("limit=32", "trainer.max_epochs=1", "data.datamodule.batch_size=16", "trainer.enable_progress_bar=false",
              "logger.enabled=false")
     train(config("train", tmp_path, *quick))
-    (run_dir,) = (tmp_path / "train" / "runs").iterdir()
+    (run_dir,) = (tmp_path / "shapes" / "train" / "runs").iterdir()
     (run_dir / "FINISHED").unlink()
     created = tmp_path / "created.txt"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

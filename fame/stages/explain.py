@@ -270,13 +270,13 @@ def explain(config: DictConfig) -> MapStore:
                                           "limit": config.limit})
     claim = claim_for_run(store)  # another explain run on this store is refused while this one writes
     try:
-        return explain_into(config, store, dataset, first)
+        return explain_into(config, store, model, dataset, first)
     finally:
         if claim is not None:
             claim.release()
 
 
-def explain_into(config: DictConfig, store: MapStore, dataset, first: Dict[str, Any]) -> MapStore:
+def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset, first: Dict[str, Any]) -> MapStore:
     """The rest of :func:`explain`, once the store is open (and claimed by the run's first process)."""
     task = config.data.task
     model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
