@@ -1,0 +1,137 @@
+"""train.py killed with SIGKILL and rerun ends exactly where an uninterrupted run of the same command does.
+
+Each case runs the entry point in subprocesses on tiny data: an uninterrupted reference run, and a
+run killed once the checkpoint of its first epoch is on disk, then rerun with the same command
+(``resume=auto`` continues it), for the shapes once more after a mid-epoch checkpoint of its
+second epoch. The final validation metrics (metrics.yaml) and every tensor of the final weights
+(model.ckpt) must be equal.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fame.stages.train import readable_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ("limit=128", "data.image_size=32", "data.datamodule.batch_size=16", "trainer.max_epochs=2")
+SHAPES_STEPS_PER_EPOCH = 8
+#: Checkpoints every 3 steps instead of every epoch: callbacks are not part of the run folder's
+#: digest, so a run started with them continues the same run.
+MID_EPOCH = ("callbacks.resume.every_n_train_steps=3", "callbacks.resume.every_n_epochs=null")
+FACES = ("experiment=faces", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
+         "data.datamodule.verification.synthetic.limit=24", "module.folds=2", "module.embedding_size=32",
+         "trainer.max_epochs=2", "callbacks.monitor.num_probes=2", "callbacks.monitor.fame.iterations=2",
+         "callbacks.monitor.baseline=null", "callbacks.monitor.log_images=false")
+
+
+def start(output: Path, *overrides: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py"), f"paths.output_dir={output}", "logger.enabled=false",
+               "trainer.enable_progress_bar=false", *overrides]
+    # One intra-op thread: two OpenMP threads per process stall each other on a shared machine.
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    return out
+
+
+def run_folder(output: Path) -> Path:
+    (run,) = (output / "train" / "runs").iterdir()
+    return run
+
+
+def complete(path: Path) -> bool:
+    """A torch.save zip with its central directory written (a checkpoint not cut short)."""
+    try:
+        zipfile.ZipFile(path).close()
+        return True
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def kill_once_written(process: subprocess.Popen, output: Path, pattern: str) -> dict:
+    """SIGKILL the run as soon as a complete checkpoint named like ``pattern`` is in its folder;
+    return the checkpoint the rerun resumes from (train.py's choice), as loaded."""
+    deadline = time.time() + 240
+    while not [path for path in (output / "train" / "runs").glob(f"*/{pattern}") if complete(path)]:
+        assert process.poll() is None, f"the run ended before {pattern} was written:\n{process.stdout.read()}"
+        assert time.time() < deadline, f"no {pattern} within 240 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_folder(output) / "FINISHED").exists()
+    return torch.load(readable_checkpoint(run_folder(output)), map_location="cpu", weights_only=True)
+
+
+def loader_position(checkpoint: dict) -> list:
+    return checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader")
+
+
+def final(output: Path):
+    run = run_folder(output)
+    assert (run / "FINISHED").exists()
+    metrics = yaml.safe_load((run / "metrics.yaml").read_text())
+    weights = torch.load(run / "model.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    return metrics, weights
+
+
+def assert_same_run(expected, actual):
+    (expected_metrics, expected_weights), (metrics, weights) = expected, actual
+    assert metrics == expected_metrics
+    assert expected_weights.keys() == weights.keys()
+    different = [key for key in expected_weights if not torch.equal(expected_weights[key], weights[key])]
+    assert not different, f"tensors that differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def shapes_reference(tmp_path_factory):
+    """An uninterrupted run, and a second one started alongside it."""
+    first, second = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("again")
+    processes = [start(first, *SHAPES), start(second, *SHAPES)]
+    for process in processes:
+        finish(process)
+    return final(first), final(second)
+
+
+def test_two_uninterrupted_runs_end_identically(shapes_reference):
+    assert_same_run(*shapes_reference)
+
+
+def test_killed_in_the_second_epoch_and_again_mid_epoch_ends_as_the_uninterrupted_run(shapes_reference, tmp_path):
+    """Killed after the first epoch's checkpoint; rerun with checkpoints every 3 steps and killed
+    after the one at step 12 (the rerun resumes from step 9 or 12, mid-way through the second
+    epoch of 8 steps); rerun again to the end."""
+    resumed_from = kill_once_written(start(tmp_path, *SHAPES), tmp_path, "last.ckpt")
+    assert resumed_from["epoch"] == 0 and resumed_from["global_step"] == SHAPES_STEPS_PER_EPOCH
+
+    resumed_from = kill_once_written(start(tmp_path, *SHAPES, *MID_EPOCH), tmp_path, "epoch=1-step=12.ckpt")
+    assert resumed_from["global_step"] in (9, 12)
+    assert loader_position(resumed_from) == [{"epoch": 1, "batches": resumed_from["global_step"] - SHAPES_STEPS_PER_EPOCH}]
+
+    out = finish(start(tmp_path, *SHAPES))
+    assert f"resuming the unfinished run {run_folder(tmp_path)}" in out
+    assert_same_run(shapes_reference[0], final(tmp_path))
+
+
+def test_faces_killed_in_the_second_epoch_and_rerun_ends_as_the_uninterrupted_run(tmp_path):
+    """ArcFace on synthetic identities, with the explanation monitor checking every epoch."""
+    reference, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    uninterrupted = start(reference, *FACES)
+    resumed_from = kill_once_written(start(interrupted, *FACES), interrupted, "last.ckpt")
+    assert resumed_from["epoch"] == 0
+    out = finish(start(interrupted, *FACES))
+    assert "resuming the unfinished run" in out
+    finish(uninterrupted)
+    assert_same_run(final(reference), final(interrupted))
