@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils.data import Dataset, DistributedSampler
 
+from fame.data.modules import EpochShuffle, resumable_loader
 from fame.stages.train import readable_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +137,49 @@ def test_faces_killed_in_the_second_epoch_and_rerun_ends_as_the_uninterrupted_ru
     assert "resuming the unfinished run" in out
     finish(uninterrupted)
     assert_same_run(final(reference), final(interrupted))
+
+
+class Numbered(Dataset):
+    """Item i is {"id": str(i)}: a batch shows which samples it holds."""
+
+    def __len__(self) -> int:
+        return 37
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": str(index)}
+
+
+def epoch_batches(loader, epoch: int) -> list:
+    loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
+    return [batch["id"] for batch in loader]
+
+
+def epoch_ids(loader, epoch: int) -> list:
+    return [i for batch in epoch_batches(loader, epoch) for i in batch]
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_over_ranks():
+    loader = resumable_loader(Numbered(), batch_size=4, seed=5)
+    first, second = epoch_ids(loader, 0), epoch_ids(loader, 1)
+    assert sorted(first, key=int) == [str(i) for i in range(37)] and first != second
+    assert epoch_ids(resumable_loader(Numbered(), batch_size=4, seed=5), 1) == second  # a new process, same order
+    assert epoch_ids(resumable_loader(Numbered(), batch_size=4, seed=6), 1) != second
+    expected = [str(i) for i in DistributedSampler(Numbered(), num_replicas=2, rank=0, shuffle=True, seed=5)]
+    sampler = EpochShuffle(Numbered(), seed=5, num_replicas=2, rank=0)
+    assert [str(i) for i in sampler] == expected  # torch's DistributedSampler order: rank r takes positions r, r + 2, ...
+
+
+def test_a_loader_restored_mid_epoch_yields_the_rest_of_that_epoch():
+    loader = resumable_loader(Numbered(), batch_size=4, seed=5)
+    uninterrupted = epoch_batches(loader, 2)
+    batches = iter(loader)
+    consumed = [next(batches)["id"] for _ in range(3)]
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches": 3} and consumed == uninterrupted[:3]
+    restored = resumable_loader(Numbered(), batch_size=4, seed=5)
+    restored.load_state_dict(state)
+    assert [batch["id"] for batch in restored] == uninterrupted[3:]
+    assert restored.state_dict() == {"epoch": 2, "batches": len(uninterrupted)}
+    assert epoch_ids(restored, 3) == epoch_ids(loader, 3)  # the next epoch is whole again
+    restored.load_state_dict({"epoch": 2, "batches": len(uninterrupted)})  # taken after the last batch
+    assert restored.sampler.epoch == 3 and len([batch for batch in restored]) == len(uninterrupted)
