@@ -29,7 +29,7 @@ SHAPES_STEPS_PER_EPOCH = 8
 #: Checkpoints every 3 steps instead of every epoch: callbacks are not part of the run folder's
 #: digest, so a run started with them continues the same run.
 MID_EPOCH = ("callbacks.resume.every_n_train_steps=3", "callbacks.resume.every_n_epochs=null")
-FACES = ("experiment=faces", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
+FACES = ("experiment=faces", "module.head.name=adaface", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
          "data.datamodule.verification.synthetic.limit=24", "module.folds=2", "module.embedding_size=32",
          "trainer.max_epochs=2", "callbacks.monitor.num_probes=2", "callbacks.monitor.fame.iterations=2",
          "callbacks.monitor.baseline=null", "callbacks.monitor.log_images=false")
@@ -40,7 +40,8 @@ def start(output: Path, *overrides: str) -> subprocess.Popen:
                "trainer.enable_progress_bar=false", *overrides]
     # One intra-op thread: two OpenMP threads per process stall each other on a shared machine.
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the job with any DDP ranks it starts
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -64,14 +65,14 @@ def complete(path: Path) -> bool:
 
 
 def kill_once_written(process: subprocess.Popen, output: Path, pattern: str) -> dict:
-    """SIGKILL the run as soon as a complete checkpoint named like ``pattern`` is in its folder;
-    return the checkpoint the rerun resumes from (train.py's choice), as loaded."""
+    """SIGKILL the run (its process group: every rank) as soon as a complete checkpoint named like
+    ``pattern`` is in its folder; return the checkpoint the rerun resumes from (train.py's choice)."""
     deadline = time.time() + 240
     while not [path for path in (output / "train" / "runs").glob(f"*/{pattern}") if complete(path)]:
         assert process.poll() is None, f"the run ended before {pattern} was written:\n{process.stdout.read()}"
         assert time.time() < deadline, f"no {pattern} within 240 s"
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run_folder(output) / "FINISHED").exists()
     return torch.load(readable_checkpoint(run_folder(output)), map_location="cpu", weights_only=True)
@@ -128,13 +129,28 @@ def test_killed_in_the_second_epoch_and_again_mid_epoch_ends_as_the_uninterrupte
 
 
 def test_faces_killed_in_the_second_epoch_and_rerun_ends_as_the_uninterrupted_run(tmp_path):
-    """ArcFace on synthetic identities, with the explanation monitor checking every epoch."""
+    """AdaFace (running feature-norm statistics in the head) on synthetic identities, with the
+    explanation monitor checking every epoch."""
     reference, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     uninterrupted = start(reference, *FACES)
     resumed_from = kill_once_written(start(interrupted, *FACES), interrupted, "last.ckpt")
     assert resumed_from["epoch"] == 0
     out = finish(start(interrupted, *FACES))
     assert "resuming the unfinished run" in out
+    finish(uninterrupted)
+    assert_same_run(final(reference), final(interrupted))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_killed_in_the_second_epoch_and_rerun_ends_as_the_uninterrupted_run(tmp_path):
+    """trainer=cpu_ddp (two gloo processes): each rank's share of the (seed, epoch) order and each
+    rank's random states come back; about a minute on two cores."""
+    overrides = (*SHAPES, "trainer=cpu_ddp")
+    reference, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    uninterrupted = start(reference, *overrides)
+    resumed_from = kill_once_written(start(interrupted, *overrides), interrupted, "last.ckpt")
+    assert resumed_from["epoch"] == 0 and len(resumed_from["callbacks"]["ExactResume"]["ranks"]) == 2
+    assert "resuming the unfinished run" in finish(start(interrupted, *overrides))
     finish(uninterrupted)
     assert_same_run(final(reference), final(interrupted))
 
