@@ -100,16 +100,23 @@ def assert_same_run(expected, actual):
 
 @pytest.fixture(scope="module")
 def shapes_reference(tmp_path_factory):
-    """An uninterrupted run, and a second one started alongside it."""
-    first, second = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("again")
-    processes = [start(first, *SHAPES), start(second, *SHAPES)]
+    """An uninterrupted run; a second one and one loading with two worker processes alongside it."""
+    outputs = [tmp_path_factory.mktemp(name) for name in ("uninterrupted", "again", "workers")]
+    processes = [start(outputs[0], *SHAPES), start(outputs[1], *SHAPES),
+                 start(outputs[2], *SHAPES, "data.datamodule.num_workers=2")]
     for process in processes:
         finish(process)
-    return final(first), final(second)
+    return [final(output) for output in outputs]
 
 
 def test_two_uninterrupted_runs_end_identically(shapes_reference):
-    assert_same_run(*shapes_reference)
+    assert_same_run(shapes_reference[0], shapes_reference[1])
+
+
+def test_worker_processes_do_not_change_the_run(shapes_reference):
+    """Order, flips and worker seeds come from the loaders' own generators and keys, never from
+    the global random state that dropout draws from."""
+    assert_same_run(shapes_reference[0], shapes_reference[2])
 
 
 def test_killed_in_the_second_epoch_and_again_mid_epoch_ends_as_the_uninterrupted_run(shapes_reference, tmp_path):

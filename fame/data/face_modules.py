@@ -211,7 +211,7 @@ class FaceTrainingDataModule(L.LightningDataModule):
         arguments = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
         if training:
             return resumable_loader(samples, self.batch_size, self.seed, self.trainer, drop_last=True, **arguments)
-        return DataLoader(samples, batch_size=self.batch_size, **arguments)
+        return DataLoader(samples, batch_size=self.batch_size, generator=torch.Generator(), **arguments)  # see modules.py
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
@@ -264,6 +264,7 @@ class VerificationDataModule(L.LightningDataModule):
             self.pair_set,
             batch_size=self.batch_size,
             shuffle=False,
+            generator=torch.Generator(),  # worker seeds not drawn from the global random state
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -155,7 +155,9 @@ class ClassificationDataModule(L.LightningDataModule):
                          persistent_workers=self.num_workers > 0)
         if shuffle:
             return resumable_loader(dataset, self.batch_size, self.seed, self.trainer, **arguments)
-        return DataLoader(dataset, batch_size=self.batch_size, **arguments)
+        # An own generator draws the worker seeds: the global random state (dropout's) stays the same
+        # whatever num_workers, so the run does too.
+        return DataLoader(dataset, batch_size=self.batch_size, generator=torch.Generator(), **arguments)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
