@@ -60,7 +60,8 @@ class EpochShuffle(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A DataLoader over an :class:`EpochShuffle` whose state Lightning saves in checkpoints
     (``{"epoch", "batches"}``: the batches handed out in the epoch) and restores when it resumes
-    mid-epoch: the resumed pass starts after those batches. A checkpoint taken at the end of an
+    mid-epoch (:class:`~fame.lightning.resume.ExactResume` sees to it when Lightning would not): the
+    resumed pass starts after those batches. A checkpoint taken at the end of an
     epoch needs no loader state (Lightning sets the next epoch). Iteration starts at the first
     ``next()``, after Lightning's ``set_epoch``, so worker processes prefetch the right epoch.
 
