@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from fame.data import FaceTrainingDataModule, SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.data.face_modules import as_image_tensor, spread_indices
+from fame.data.modules import flip_decision, mirror_at_random
 
 
 class HalfLitFaces(Dataset):
@@ -81,34 +82,35 @@ def test_limit_keeps_the_first_samples_and_the_split_is_seeded():
     assert len(tiny.val_set) == 1  # a positive fraction always holds out a sample
 
 
-def test_flip_happens_in_training_only_and_mirrors_the_masks_too():
-    module = FaceTrainingDataModule(HalfLitFaces(length=200), val_fraction=0.2, batch_size=40)
+def test_flip_happens_in_training_only_keyed_by_seed_epoch_and_id_and_mirrors_the_masks_too():
+    module = FaceTrainingDataModule(HalfLitFaces(length=200), val_fraction=0.2, batch_size=40, seed=3)
     module.setup()
-    torch.manual_seed(0)
-    flipped = torch.cat([_mirrored(batch) for batch in module.train_dataloader()])
+    module.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer.training = True
+    batches = [module.on_after_batch_transfer(batch, 0) for batch in module.train_dataloader()]
+    flipped = torch.cat([_mirrored(batch) for batch in batches])
+    assert flipped.tolist() == [flip_decision(i, 3, 0) for batch in batches for i in batch["id"]]
     assert 0.3 < flipped.float().mean() < 0.7
-    assert not any(_mirrored(batch).any() for batch in module.val_dataloader())
+    module.trainer.validating = True
+    assert not any(_mirrored(module.on_after_batch_transfer(batch, 0)).any() for batch in module.val_dataloader())
     unflipped = FaceTrainingDataModule(HalfLitFaces(length=200), batch_size=40, flip=False)
     unflipped.setup()
-    assert not any(_mirrored(batch).any() for batch in unflipped.train_dataloader())
+    unflipped.trainer = module.trainer
+    module.trainer.training = True
+    assert not any(_mirrored(unflipped.on_after_batch_transfer(batch, 0)).any() for batch in unflipped.train_dataloader())
 
     faces = SyntheticFaces(num_identities=2, images_per_identity=8, size=48, occlusion="glasses")
-    mirrored = FaceTrainingDataModule(faces, val_fraction=0.0, batch_size=2)
+    mirrored = FaceTrainingDataModule(faces, val_fraction=0.0, batch_size=16)
     mirrored.setup()
-    torch.manual_seed(1)
-    seen = {"same": 0, "mirrored": 0}
-    for position in range(len(mirrored.train_set)):
-        sample = mirrored.train_set[position]
-        original = faces[mirrored.train_set.indices[position]]
-        if torch.equal(sample["image"], original["image"]):
-            seen["same"] += 1
-            assert torch.equal(sample["mask"], original["mask"])
-        else:
-            seen["mirrored"] += 1
-            assert torch.equal(sample["image"], original["image"].flip(-1))
-            assert torch.equal(sample["mask"], original["mask"].flip(-1))
-            assert torch.equal(sample["occluder_mask"], original["occluder_mask"].flip(-1))
-    assert seen["same"] > 0 and seen["mirrored"] > 0
+    (batch,) = list(mirrored.train_dataloader())
+    for epoch in (0, 1):
+        decisions = [flip_decision(i, 0, epoch) for i in batch["id"]]
+        assert 0 < sum(decisions) < len(decisions)
+        result = mirror_at_random(batch, 0, epoch)
+        for key in ("image", "mask", "occluder_mask"):
+            for k, flip in enumerate(decisions):
+                assert torch.equal(result[key][k], batch[key][k].flip(-1) if flip else batch[key][k])
+    assert decisions != [flip_decision(i, 0, 0) for i in batch["id"]]  # each epoch draws anew
 
 
 def test_verification_loaders_keep_order_and_ids_and_limit_spreads_the_pairs():

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -263,8 +264,10 @@ def test_explain_cli_on_two_cpu_processes_equals_one(trained, tmp_path):
         assert process.returncode == 0, out
     one, two = MapStore(tmp_path / "one.zarr"), MapStore(tmp_path / "two.zarr")
     assert sorted(two.ids) == sorted(one.ids) and len(set(two.ids)) == 7
-    for method in ("fame", "random"):
-        assert (one.read(method, one.ids) == two.read(method, one.ids)).all()
+    assert (one.read("random", one.ids) == two.read("random", one.ids)).all()
+    # FAME within one float16 step at 1 (the store's precision): the ranks batch other samples
+    # together, and CPU convolutions may round a sample differently with another batch partner.
+    np.testing.assert_allclose(two.read("fame", one.ids), one.read("fame", one.ids), rtol=0, atol=2**-11)
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .modules import mirror_at_random, resumable_loader
+
 PAIR_KEYS = ("gallery", "probe", "same", "id")
 
 
@@ -66,32 +68,19 @@ def _face_sample(item: Any, index: int) -> dict[str, Any]:
     return sample
 
 
-def _flip_horizontally(sample: dict[str, Any]) -> dict[str, Any]:
-    """Mirror the image and every tensor of the same height and width (masks) left to right."""
-    height, width = sample["image"].shape[-2:]
-    return {
-        key: value.flip(-1) if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[-2:] == (height, width) else value
-        for key, value in sample.items()
-    }
-
-
 class _FaceSamples(Dataset):
-    """The chosen samples of a training dataset as dicts, mirrored at random when ``flip`` is set."""
+    """The chosen samples of a training dataset as dicts."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], flip: bool) -> None:
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset = dataset
         self.indices = list(indices)
-        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         index = self.indices[position]
-        sample = _face_sample(self.dataset[index], index)
-        if self.flip and torch.rand(()) < 0.5:
-            sample = _flip_horizontally(sample)
-        return sample
+        return _face_sample(self.dataset[index], index)
 
 
 class _PairSamples(Dataset):
@@ -147,8 +136,11 @@ class FaceTrainingDataModule(L.LightningDataModule):
 
     ``limit`` keeps the first ``limit`` samples (identity-sorted sets keep whole identities, so a
     quick run still sees several images per class) before ``val_fraction`` of them are held out
-    (at least one when the fraction is positive). Training batches are shuffled, mirrored at
-    random when ``flip`` is set, and drop the last incomplete batch. ``num_classes`` is, in order:
+    (at least one when the fraction is positive). Training batches come in an order drawn from
+    ``seed`` and the epoch, drop the last incomplete batch and, when ``flip`` is set, are mirrored
+    per sample on the device as keyed by (seed, epoch, sample id) (see
+    :func:`~fame.data.modules.mirror_at_random`), so a resumed run sees the batches an
+    uninterrupted one would. ``num_classes`` is, in order:
     the argument, the dataset's ``num_classes``, or one more than the largest label among the
     samples used (found by reading them all). ``pin_memory`` defaults to CUDA being available.
     """
@@ -210,24 +202,24 @@ class FaceTrainingDataModule(L.LightningDataModule):
                 f"the training split has {len(train)} samples, fewer than one batch of {self.batch_size} "
                 "(incomplete batches are dropped); lower batch_size or val_fraction, or raise limit"
             )
-        self.train_set = _FaceSamples(self.dataset, [used[i] for i in train], flip=self.flip)
-        self.val_set = _FaceSamples(self.dataset, [used[i] for i in val], flip=False)
+        self.train_set = _FaceSamples(self.dataset, [used[i] for i in train])
+        self.val_set = _FaceSamples(self.dataset, [used[i] for i in val])
 
     def _loader(self, samples: Optional[_FaceSamples], training: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("call setup() (the Trainer does) before asking for a dataloader")
-        return DataLoader(
-            samples,
-            batch_size=self.batch_size,
-            shuffle=training,
-            drop_last=training,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        arguments = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        if training:
+            return resumable_loader(samples, self.batch_size, self.seed, self.trainer, drop_last=True, **arguments)
+        return DataLoader(samples, batch_size=self.batch_size, generator=torch.Generator(), **arguments)  # see modules.py
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.flip and self.trainer is not None and self.trainer.training:
+            return mirror_at_random(batch, self.seed, self.trainer.current_epoch)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is not None and len(self.val_set) == 0:
@@ -272,6 +264,7 @@ class VerificationDataModule(L.LightningDataModule):
             self.pair_set,
             batch_size=self.batch_size,
             shuffle=False,
+            generator=torch.Generator(),  # worker seeds not drawn from the global random state
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -308,6 +301,7 @@ class FaceRecognitionDataModule(L.LightningDataModule):
         return self.training.num_classes
 
     def setup(self, stage: Optional[str] = None) -> None:
+        self.training.trainer = self.trainer  # its loader shards over the ranks, its flips need the epoch
         if stage in (None, "fit"):
             self.training.setup(stage)
         for pairs in self.verification.values():
@@ -315,6 +309,9 @@ class FaceRecognitionDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         return self.training.train_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.training.on_after_batch_transfer(batch, dataloader_idx)
 
     def val_dataloader(self):
         return [pairs.val_dataloader() for pairs in self.verification.values()]

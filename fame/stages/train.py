@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import ConfigError, Rule, config_digest, config_targets, instantiate, lookup, plain, trusted_file, validate
 from ..lightning.checkpoints import check_module_checkpoint
+from ..lightning.resume import ExactResume
 from ..viz import save_monitor_curves
 from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
 
@@ -127,33 +128,40 @@ def choose_run(config: DictConfig) -> Tuple[Path, Optional[str]]:
 
 
 def readable_checkpoint(run_dir: Path) -> Optional[str]:
-    """The run's ``last.ckpt``, or its newest other checkpoint when a kill truncated ``last.ckpt``
-    mid-write (torch.save files are zip archives: a truncated one has no central directory)."""
-    candidates = [run_dir / "last.ckpt"] + sorted(
-        (p for p in run_dir.glob("*.ckpt") if p.name not in ("last.ckpt", "model.ckpt")),
-        key=lambda p: p.stat().st_mtime, reverse=True)
+    """The run's newest complete checkpoint: ``last.ckpt`` normally; a ``last-v<n>.ckpt`` that a
+    rerun with other checkpoint settings wrote beside it; or the newest other checkpoint when a
+    kill truncated the newest one mid-write (torch.save files are zip archives: a truncated one
+    has no central directory)."""
+    candidates = sorted((p for p in run_dir.glob("*.ckpt") if p.name != "model.ckpt"),
+                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for candidate in candidates:
-        if candidate.is_file():
-            try:
-                zipfile.ZipFile(candidate).close()
-                return str(candidate)
-            except zipfile.BadZipFile:
-                print(f"skipping the unreadable checkpoint {candidate} (a kill interrupted its writing)")
+        try:
+            zipfile.ZipFile(candidate).close()
+            return str(candidate)
+        except zipfile.BadZipFile:
+            print(f"skipping the unreadable checkpoint {candidate} (a kill interrupted its writing)")
     return None
 
 
 def build_callbacks(config: DictConfig):
+    """The configured callbacks, then :class:`~fame.lightning.resume.ExactResume` (last, so it
+    restores the random states after every other callback's ``on_train_start``)."""
     callbacks = []
     for name, spec in (config.get("callbacks") or {}).items():
         if spec is not None:
             callbacks.append(instantiate(spec, f"callbacks.{name}"))
-    return callbacks
+    return callbacks + [ExactResume()]
 
 
 def train(config: DictConfig) -> Dict[str, float]:
     """Train ``config.module`` on ``config.data``; write the run folder and the final checkpoint.
 
-    Returns the final validation metrics.
+    A resumed run ends exactly where the uninterrupted one would: the checkpoint restores the
+    weights, optimizer, schedule, loop counters, callback states, the random generators
+    and the training loader's epoch and position (:class:`~fame.lightning.resume.ExactResume`,
+    :class:`~fame.data.modules.ResumableLoader`: data order from the seed and the epoch, flips
+    keyed by sample id). Mid-epoch checkpoints (``callbacks.resume.every_n_train_steps``) resume
+    after the batches already trained on. Returns the final validation metrics.
     """
     check_train_config(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
