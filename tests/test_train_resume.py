@@ -36,7 +36,7 @@ FACES = ("experiment=faces", "module.head.name=adaface", "limit=64", "data.image
 
 
 def start(output: Path, *overrides: str) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "train.py"), f"paths.output_dir={output}", "logger.enabled=false",
+    command = [sys.executable, str(ROOT / "train.py"), f"paths.output_dir={output}", f"paths.experiment_dir={output}", "logger.enabled=false",
                "trainer.enable_progress_bar=false", *overrides]
     # One intra-op thread: two OpenMP threads per process stall each other on a shared machine.
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
