@@ -73,20 +73,24 @@ def literal_corrrise(model, images, references, keep):
     return np.stack(similar), np.stack(dissimilar)
 
 
-def literal_fggb(model, images, references, threshold, kernel, sigma):
-    """Backpropagate each dimension of the normalized embedding on its own; weight the
-    L2-normalized |gradient| maps by (v_k - theta / D); split, blur, divide by the maxima."""
+def literal_fggb(model, images, references, threshold, kernel, sigma, gradient_of="normalized"):
+    """Backpropagate each dimension of the normalized embedding (``gradient_of="normalized"``) or
+    of the raw feature phi(x) (``"raw"``, Lu et al.'s paper) on its own; weight the L2-normalized
+    |gradient| maps by (v_k - theta / D), v from the normalized embeddings; split, blur, divide by
+    the maxima."""
     model.eval()
     similar, dissimilar = [], []
     for image, reference in zip(images, references):
         with torch.no_grad():
             frozen = F.normalize(model(reference.unsqueeze(0)), dim=1)[0]
         x = image.unsqueeze(0).clone().requires_grad_(True)
-        embedding = F.normalize(model(x), dim=1)[0]
+        feature = model(x)[0]
+        embedding = feature / feature.norm()
+        differentiated = embedding if gradient_of == "normalized" else feature
         dims = embedding.shape[0]
         total = torch.zeros(image.shape[-2:], dtype=image.dtype)
         for k in range(dims):
-            (gradient,) = torch.autograd.grad(embedding[k], x, retain_graph=True)
+            (gradient,) = torch.autograd.grad(differentiated[k], x, retain_graph=True)
             grad_map = gradient[0].abs().mean(dim=0)
             grad_map = grad_map / grad_map.norm()
             weight = embedding[k].item() * frozen[k].item() - threshold / dims
