@@ -145,3 +145,15 @@ def literal_causal_metric(net, normalized_image, explanation, mode, step):
                 coords = salient_order[:, step * i : step * (i + 1)]
                 start.numpy().reshape(1, channels, pixels)[0, :, coords] = finish.numpy().reshape(1, channels, pixels)[0, :, coords]
     return scores, literal_rise_auc(scores)
+
+
+def literal_reinitialize(module, seed):
+    """Quantus / Adebayo et al.'s re-initialisation of a subtree under a global seed: ``reset_parameters()``
+    of every module that has it, BatchNorm statistics reset (``reset_running_stats()``)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for submodule in module.modules():
+            if hasattr(submodule, "reset_parameters"):
+                submodule.reset_parameters()
+            if hasattr(submodule, "reset_running_stats"):
+                submodule.reset_running_stats()

@@ -2,6 +2,9 @@
 of the reference definitions: RISE's CausalMetric (Petsiuk et al. 2018) and the layer
 re-initialisation of Adebayo et al. 2018 / Quantus."""
 
+import copy
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +20,9 @@ from fame.metrics.faithfulness import (
     rise_substrate_blur,
 )
 
-from literal_baselines import literal_causal_metric, literal_rise_gkern
+from fame.metrics.sanity import cascading_randomization, reinitialization_seed
+
+from literal_baselines import literal_causal_metric, literal_reinitialize, literal_rise_gkern
 from nets import TinyClassifier
 
 
@@ -87,3 +92,86 @@ def test_rise_blur_in_pixels_is_the_zero_padded_blur_of_the_normalized_image():
     torch.testing.assert_close(rise_substrate_blur(images, mean.flatten()), literal, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="substrate must be one of fame, rise, got 'grey'"):
         deletion_curve(nn.Identity(), images, images[:, :1], torch.zeros(2, dtype=torch.long), substrate="grey")
+
+
+class Wrapper(nn.Module):
+    """Like fame.models.Classifier: every parameter in one child ``net``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        return self.net(images)
+
+
+def block_model():
+    """conv -> BN (trained statistics) -> ReLU -> conv -> pool -> linear, wrapped like fame.models.Classifier."""
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    with torch.no_grad():
+        body[1].running_mean.uniform_(-0.5, 0.5)
+        body[1].running_var.uniform_(0.5, 2.0)
+        body[1].num_batches_tracked.fill_(100)
+        body[1].weight.uniform_(0.5, 1.5)
+    net = nn.Sequential(OrderedDict(body=body, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), head=nn.Linear(4, 3)))
+    return Wrapper(net).eval()
+
+
+def test_reinit_cascade_equals_reset_parameters_under_the_drawn_seeds():
+    model = block_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    states = []
+
+    def recording_map(network, images, targets):  # the weights and statistics each map is computed with
+        states.append({name: value.clone() for name, value in network.state_dict().items()})
+        return images.mean(dim=1, keepdim=True)
+
+    global_state = torch.random.get_rng_state()
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    cascading_randomization(model, recording_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(7),
+                            layers=["net.head", "net.body"])
+    assert torch.random.get_rng_state().equal(global_state)  # the caller's global random state is kept
+    for name, value in model.state_dict().items():
+        assert value.equal(before[name]), f"{name} of the caller's model changed"
+
+    # the definition: one seed per step from the same generator, reset_parameters() of each module
+    generator = torch.Generator().manual_seed(7)
+    expected = copy.deepcopy(model)
+    intact, *steps = states
+    assert all(value.equal(before[name]) for name, value in intact.items())
+    for state, layer in zip(steps, ["net.head", "net.body"]):
+        literal_reinitialize(expected.get_submodule(layer), reinitialization_seed(generator))
+        for name, value in expected.state_dict().items():
+            assert state[name].equal(value), f"{name} after re-initialising {layer}"
+    head_step, body_step = steps
+    for name, value in head_step.items():  # step 1 leaves everything outside the head as it was
+        assert value.equal(before[name]) != name.startswith("net.head."), name
+    assert not body_step["net.body.0.weight"].equal(before["net.body.0.weight"])
+    assert body_step["net.body.1.running_mean"].eq(0).all() and body_step["net.body.1.running_var"].eq(1).all()
+    assert int(body_step["net.body.1.num_batches_tracked"]) == 0
+    assert body_step["net.body.1.weight"].eq(1).all() and body_step["net.body.1.bias"].eq(0).all()
+
+
+def test_reinit_is_seeded_and_differs_from_redraw():
+    model = block_model()
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def run(randomization, seed):  # the weights and statistics after the last step
+        states = []
+
+        def recording_map(network, images, targets):
+            states.append({name: value.clone() for name, value in network.state_dict().items()})
+            return images.mean(dim=1, keepdim=True)
+
+        cascading_randomization(model, recording_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(seed),
+                                layers=["net.head", "net.body"], randomization=randomization)
+        return states[-1]
+
+    first, again, other_seed, redrawn = run("reinit", 5), run("reinit", 5), run("reinit", 6), run("redraw", 5)
+    assert all(first[name].equal(again[name]) for name in first)
+    assert not first["net.body.0.weight"].equal(other_seed["net.body.0.weight"])
+    assert not first["net.body.0.weight"].equal(redrawn["net.body.0.weight"])
+    assert redrawn["net.body.1.running_var"].equal(model.state_dict()["net.body.1.running_var"])  # redraw keeps statistics
+    with pytest.raises(ValueError, match="randomization must be one of reinit, redraw, got 'shuffle'"):
+        cascading_randomization(model, lambda network, images, targets: images[:, :1], images, torch.tensor([0, 1]), torch.Generator(), randomization="shuffle")
