@@ -4,6 +4,7 @@ re-initialisation of Adebayo et al. 2018 / Quantus."""
 
 import copy
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,17 @@ def test_reinit_is_seeded_and_differs_from_redraw():
     assert redrawn["net.body.1.running_var"].equal(model.state_dict()["net.body.1.running_var"])  # redraw keeps statistics
     with pytest.raises(ValueError, match="randomization must be one of reinit, redraw, got 'shuffle'"):
         cascading_randomization(model, lambda network, images, targets: images[:, :1], images, torch.tensor([0, 1]), torch.Generator(), randomization="shuffle")
+
+
+def test_explain_refuses_an_unknown_fggb_gradient_before_building(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from fame.config import ConfigError
+    from fame.stages.explain import check_explain_config
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        config = compose(config_name="explain", overrides=[f"paths.output_dir={tmp_path}", "experiment=faces",
+                                                           "checkpoint=null", "explainer.fggb.gradient_of=unit"])
+    with pytest.raises(ConfigError, match="'explainer.fggb.gradient_of' has the value 'unit'; allowed: one of 'normalized', 'raw'"):
+        check_explain_config(config)
