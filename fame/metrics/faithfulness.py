@@ -14,9 +14,10 @@ recorded at each level. Two protocols (``substrate`` of :func:`deletion_curve`, 
   5, truncated at 4 sigma, reflect mode) of a centred unit impulse (:func:`rise_kernel`); in pixels
   that is the blur padded with the mean colour. One row of pixels (W) per step: H + 1 levels
   (:func:`rise_fractions`, 225 at 224 px). Pixels in descending saliency as RISE's
-  ``flip(argsort(map))``: tied values in reverse raster order. The AUC
-  (sum of the points minus half the first and last, divided by the number of steps) is
-  :func:`curve_auc` over these equally spaced levels.
+  ``flip(argsort(map))``: tied values in reverse raster order. RISE's AUC (sum of the points
+  minus half the first and last, divided by the number of steps) is :func:`curve_auc` over these
+  equally spaced levels. The class is the one the map explains (RISE's code: the top-1 class,
+  i.e. maps made with ``target=prediction``).
 
 Pixel order is a stable ranking of the map: most relevant first sorts descending, least relevant
 first ascending, and tied values keep raster order in both (protocol "fame"). At a fraction f of
@@ -235,7 +236,7 @@ def deletion_curve(
     RISE. ``substrate`` picks the protocol (module docstring): "fame" (zero = black, torchvision
     blur, ties in raster order) or "rise" (zero and blur in the normalized input, where ``mean``,
     the per-channel mean of the model's input normalization (None: none), is 0; ties in reverse
-    raster order); :func:`rise_fractions` gives RISE's levels. ``batch_size`` bounds the images
+    raster order); ``mean`` is read by "rise" only. :func:`rise_fractions` gives RISE's levels. ``batch_size`` bounds the images
     per forward pass (default B).
     """
     if mode not in ("deletion", "insertion"):
