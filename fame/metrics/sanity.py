@@ -190,9 +190,10 @@ def cascading_randomization(
     blocks, default ``parameterized_layers(model)`` (every leaf, output first; ``layer_blocks(model)``
     gives the paper's block cascade). Step l randomizes every parameter in the subtree of
     ``layers[l]`` (``randomization`` "reinit": :func:`reinitialize_parameters_`, "redraw":
-    :func:`randomize_parameters_`), keeping the steps before it. The caller's model is never touched (not even its gradients): the maps of the intact model and the randomization
-    both use a deep copy, with parameters drawn from ``generator``; the same generator state gives
-    the same randomized networks.
+    :func:`randomize_parameters_`), keeping the steps before it. The caller's model is never
+    touched (not even its gradients): the maps of the intact model and the randomization both use
+    a deep copy, with parameters drawn from ``generator``; the same generator state gives the same
+    randomized networks.
     """
     if randomization not in RANDOMIZATIONS:
         raise ValueError(f"randomization must be one of {', '.join(RANDOMIZATIONS)}, got {randomization!r}")
