@@ -158,16 +158,25 @@ def _road_columns(quantity: str) -> List[Column]:
     ]
 
 
+#: Deletion / insertion protocols by the suffix of their metric names, as the table labels them
+#: (fame.metrics.faithfulness: "fame" ours, "rise" Petsiuk et al.'s CausalMetric).
+DELETION_PROTOCOLS = (("", "FAME protocol"), ("_rise", "RISE protocol"))
+
+
+def _deletion_columns() -> List[Column]:
+    return [Column(f"{mode.capitalize()} AUC ×100 ({label})", f"{mode}{suffix}{AUC_SUFFIX}", scale=100.0)
+            for suffix, label in DELETION_PROTOCOLS for mode in ("deletion", "insertion")]
+
+
 #: Paper Tab. 1 (classification): IoU of {map >= t} with the box x100; ROAD logit drop averaged over
 #: P = 0..100% (normalized AUC; MoRF: higher is better, LeRF: lower is better) with zero and noisy
-#: linear imputation; RISE deletion / insertion AUC x100.
+#: linear imputation; deletion / insertion AUC x100, labelled with their protocol.
 TABLE1_COLUMNS: Tuple[Column, ...] = (
     Column("IoU@0.3 ×100", "iou_30", scale=100.0),
     Column("IoU@0.5 ×100", "iou_50", scale=100.0),
     Column("IoU@0.7 ×100", "iou_70", scale=100.0),
     *_road_columns("logit_drop"),
-    Column("Deletion AUC ×100", "deletion_auc", scale=100.0),
-    Column("Insertion AUC ×100", "insertion_auc", scale=100.0),
+    *_deletion_columns(),
 )
 #: Paper Tab. 2 (face verification): accuracy at the clean EER threshold while deleting / inserting
 #: the probe's top P% e+ pixels, normalized AUC x100 (already scaled by the evaluate stage).
@@ -187,8 +196,10 @@ METRIC_LABELS: Dict[str, Tuple[str, float]] = {
     "iou_30": ("IoU@0.3 ×100", 100.0),
     "iou_50": ("IoU@0.5 ×100", 100.0),
     "iou_70": ("IoU@0.7 ×100", 100.0),
-    "sanity_spearman_auc": ("sanity Spearman (area over the cascade)", 1.0),
-    "sanity_ssim_auc": ("sanity SSIM (area over the cascade)", 1.0),
+    "sanity_spearman_auc": ("sanity Spearman, layers re-initialised (area over the cascade)", 1.0),
+    "sanity_ssim_auc": ("sanity SSIM, layers re-initialised (area over the cascade)", 1.0),
+    "sanity_redraw_spearman_auc": ("sanity Spearman, layers redrawn from their own mean / std (area over the cascade)", 1.0),
+    "sanity_redraw_ssim_auc": ("sanity SSIM, layers redrawn from their own mean / std (area over the cascade)", 1.0),
 }
 
 

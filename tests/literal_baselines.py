@@ -1,12 +1,14 @@
-"""Slow, literal versions of RISE, CorrRISE and FGGB: one mask, one pixel, one dimension at a time,
-written from the definitions (DESIGN.md section 2) with numpy, scipy and skimage where those are
-what the papers' own code used. The fast implementations are tested against these."""
+"""Slow, literal versions of RISE, CorrRISE, FGGB and RISE's deletion / insertion metric: one mask,
+one pixel, one dimension, one step at a time, written from the papers' definitions with numpy,
+scipy and skimage where those are what the papers' own code used. The fast implementations are
+tested against these."""
 
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from scipy.stats import spearmanr
 from skimage.transform import resize
 from torchvision.transforms.v2 import functional as TF
@@ -73,20 +75,24 @@ def literal_corrrise(model, images, references, keep):
     return np.stack(similar), np.stack(dissimilar)
 
 
-def literal_fggb(model, images, references, threshold, kernel, sigma):
-    """Backpropagate each dimension of the normalized embedding on its own; weight the
-    L2-normalized |gradient| maps by (v_k - theta / D); split, blur, divide by the maxima."""
+def literal_fggb(model, images, references, threshold, kernel, sigma, gradient_of="normalized"):
+    """Backpropagate each dimension of the normalized embedding (``gradient_of="normalized"``) or
+    of the raw feature phi(x) (``"raw"``, Lu et al.'s paper) on its own; weight the L2-normalized
+    |gradient| maps by (v_k - theta / D), v from the normalized embeddings; split, blur, divide by
+    the maxima."""
     model.eval()
     similar, dissimilar = [], []
     for image, reference in zip(images, references):
         with torch.no_grad():
             frozen = F.normalize(model(reference.unsqueeze(0)), dim=1)[0]
         x = image.unsqueeze(0).clone().requires_grad_(True)
-        embedding = F.normalize(model(x), dim=1)[0]
+        feature = model(x)[0]
+        embedding = feature / feature.norm()
+        differentiated = embedding if gradient_of == "normalized" else feature
         dims = embedding.shape[0]
         total = torch.zeros(image.shape[-2:], dtype=image.dtype)
         for k in range(dims):
-            (gradient,) = torch.autograd.grad(embedding[k], x, retain_graph=True)
+            (gradient,) = torch.autograd.grad(differentiated[k], x, retain_graph=True)
             grad_map = gradient[0].abs().mean(dim=0)
             grad_map = grad_map / grad_map.norm()
             weight = embedding[k].item() * frozen[k].item() - threshold / dims
@@ -95,3 +101,59 @@ def literal_fggb(model, images, references, threshold, kernel, sigma):
             blurred = TF.gaussian_blur(part[None, None], [kernel, kernel], [sigma, sigma])[0, 0]
             parts.append((blurred / (blurred.max() + 1e-8)).numpy())
     return np.stack(similar), np.stack(dissimilar)
+
+
+def literal_rise_gkern(klen, nsig, channels):
+    """RISE's ``gkern``: scipy's gaussian_filter of a centred impulse, on the diagonal of a
+    (channels, channels, klen, klen) convolution weight."""
+    impulse = np.zeros((klen, klen))
+    impulse[klen // 2, klen // 2] = 1
+    kernel = gaussian_filter(impulse, nsig)
+    weight = np.zeros((channels, channels, klen, klen))
+    for channel in range(channels):
+        weight[channel, channel] = kernel
+    return torch.from_numpy(weight)
+
+
+def literal_rise_auc(scores):
+    """RISE's ``auc``: (sum of the points - half the first - half the last) / number of steps."""
+    return (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+
+
+def literal_causal_metric(net, normalized_image, explanation, mode, step):
+    """Petsiuk et al.'s ``CausalMetric.single_run`` for one image (1, C, H, W) already normalized
+    (``net`` sees the normalized tensor, softmax appended as in RISE's evaluation): the class is
+    the intact image's top-1; deletion goes to zeros of the normalized tensor, insertion starts
+    from its blur (``gkern(11, 5)``, zero padding); ``step`` pixels per step in the order of
+    ``flip(argsort(explanation))`` (a stable argsort: numpy's default sort leaves ties in an
+    unspecified order). Returns (scores, auc)."""
+    _, channels, height, width = normalized_image.shape
+    pixels = height * width
+    with torch.no_grad():
+        target = int(net(normalized_image).softmax(dim=1).argmax(dim=1)[0])
+        steps = (pixels + step - 1) // step
+        if mode == "del":
+            start, finish = normalized_image.clone(), torch.zeros_like(normalized_image)
+        else:
+            kernel = literal_rise_gkern(11, 5, channels).to(normalized_image.dtype)
+            start, finish = F.conv2d(normalized_image, kernel, padding=11 // 2), normalized_image.clone()
+        scores = np.empty(steps + 1)
+        salient_order = np.flip(np.argsort(explanation.reshape(-1, pixels), axis=1, kind="stable"), axis=-1)
+        for i in range(steps + 1):
+            scores[i] = net(start).softmax(dim=1)[0, target].item()
+            if i < steps:
+                coords = salient_order[:, step * i : step * (i + 1)]
+                start.numpy().reshape(1, channels, pixels)[0, :, coords] = finish.numpy().reshape(1, channels, pixels)[0, :, coords]
+    return scores, literal_rise_auc(scores)
+
+
+def literal_reinitialize(module, seed):
+    """Quantus / Adebayo et al.'s re-initialisation of a subtree under a global seed: ``reset_parameters()``
+    of every module that has it, BatchNorm statistics reset (``reset_running_stats()``)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for submodule in module.modules():
+            if hasattr(submodule, "reset_parameters"):
+                submodule.reset_parameters()
+            if hasattr(submodule, "reset_running_stats"):
+                submodule.reset_running_stats()

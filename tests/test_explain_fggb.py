@@ -1,6 +1,7 @@
 """FGGB (Lu et al., FG 2024) against its literal one-dimension-at-a-time definition."""
 
 import numpy as np
+import pytest
 import torch
 
 from fame.explain.fggb import fggb_blur, fggb_maps
@@ -19,17 +20,31 @@ def test_blur_scales_from_112_px():
     assert kernel == 15 and abs(sigma - 5 * 64 / 112) < 1e-12
 
 
-def test_fggb_equals_literal_per_dimension_loop():
+@pytest.mark.parametrize("gradient_of", ["normalized", "raw"])
+def test_fggb_equals_literal_per_dimension_loop(gradient_of):
     model = TinyEmbedder(size=12).double()
     images = torch.rand(2, 3, 12, 12, generator=generator(1), dtype=torch.float64)
     references = torch.cat([images[:1] + 0.05 * torch.rand(1, 3, 12, 12, generator=generator(3), dtype=torch.float64),
                             torch.rand(1, 3, 12, 12, generator=generator(2), dtype=torch.float64)])
     for threshold in (0.3, 0.9):
-        maps = fggb_maps(model, images, references, threshold=threshold, blur_kernel=5, blur_sigma=1.0, batch_size=5)
-        similar, dissimilar = literal_fggb(model, images, references, threshold, 5, 1.0)
+        maps = fggb_maps(model, images, references, threshold=threshold, blur_kernel=5, blur_sigma=1.0, batch_size=5,
+                         gradient_of=gradient_of)
+        similar, dissimilar = literal_fggb(model, images, references, threshold, 5, 1.0, gradient_of)
         np.testing.assert_allclose(maps["similar"][:, 0].numpy(), similar, atol=1e-10)
         np.testing.assert_allclose(maps["dissimilar"][:, 0].numpy(), dissimilar, atol=1e-10)
     assert maps["similar"].amax() > 0.99 and maps["dissimilar"].amax() > 0.99  # theta 0.9: both parts present
+
+
+def test_raw_and_normalized_gradients_give_different_maps_and_other_values_are_refused():
+    model = TinyEmbedder(size=12).double()
+    images = torch.rand(2, 3, 12, 12, generator=generator(7), dtype=torch.float64)
+    references = torch.rand(2, 3, 12, 12, generator=generator(8), dtype=torch.float64)
+    options = dict(threshold=0.9, blur_kernel=0)
+    raw = fggb_maps(model, images, references, gradient_of="raw", **options)["dissimilar"]
+    normalized = fggb_maps(model, images, references, **options)["dissimilar"]
+    assert (raw - normalized).abs().max() > 0.05  # d e_k / dx carries the norm's gradient, d phi_k / dx does not
+    with pytest.raises(ValueError, match="gradient_of must be one of normalized, raw, got 'unit'"):
+        fggb_maps(model, images, references, gradient_of="unit", **options)
 
 
 def test_batched_equals_one_at_a_time_and_model_is_left_alone():

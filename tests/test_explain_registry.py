@@ -31,7 +31,8 @@ def test_the_contracted_methods_are_registered():
         ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "rise", "random", "centre", "sobel"])
     assert method_names("verification") == sorted(
         ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "corrrise", "fggb", "random", "centre", "sobel"])
-    assert get_method("fggb", "verification").options == ["threshold", "blur_kernel", "blur_sigma", "normalization", "batch_size"]
+    assert get_method("fggb", "verification").options == ["threshold", "blur_kernel", "blur_sigma", "normalization", "batch_size",
+                                                               "gradient_of"]
     assert get_method("fullgrad", "classification").options == [] and get_method("gradcam", "verification").options == ["layer"]
 
 

@@ -117,7 +117,7 @@ def test_layer_blocks_are_the_top_level_children_with_parameters_output_first():
     assert parameterized_layers(model) == ["head", "body.3", "body.1", "body.0"]
 
 
-def test_randomizing_a_block_redraws_its_whole_subtree_and_nothing_else():
+def test_redrawing_a_block_redraws_its_whole_subtree_and_nothing_else():
     model = Wrapper(block_classifier())
     before = {name: value.clone() for name, value in model.state_dict().items()}
     states = []
@@ -128,7 +128,7 @@ def test_randomizing_a_block_redraws_its_whole_subtree_and_nothing_else():
 
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
     result = cascading_randomization(model, recording_map, images, torch.tensor([0, 1]),
-                                     torch.Generator().manual_seed(7), layers=layer_blocks(model))
+                                     torch.Generator().manual_seed(7), layers=layer_blocks(model), randomization="redraw")
     assert result.layers == ["net.head", "net.body"] and len(states) == 3
     intact, head_only, both = states
     parameters = {name for name, _ in model.named_parameters()}

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fame.report import (
+    SCORE_COLUMNS,
     Column,
     bootstrap_counts,
     curve_areas,
@@ -119,13 +120,27 @@ def test_summary_of_ten_thousand_samples_and_twenty_metrics_runs():
     assert ((summary["high"] - summary["low"]) < 0.06).all()  # ~ 2 * 1.96 / sqrt(10000)
 
 
+def test_tables_name_the_deletion_and_sanity_protocols():
+    rows = [("fame", metric, np.nan, value, f"s{i}") for i in range(4)
+            for metric, value in (("deletion_rise_auc", 0.2), ("insertion_rise_auc", 0.7), ("deletion_auc", 0.3),
+                                  ("sanity_spearman_auc", 0.1), ("sanity_redraw_ssim_auc", 0.4))]
+    table = markdown_table(summarize(pd.DataFrame(rows, columns=list(SCORE_COLUMNS)), resamples=20))
+    header = next(line for line in table.splitlines() if line.startswith("| method | Deletion"))
+    assert header.split(" | ")[1:] == ["Deletion AUC ×100 (FAME protocol)", "Deletion AUC ×100 (RISE protocol)",
+                                       "Insertion AUC ×100 (RISE protocol) |"]
+    assert "| fame | 30.0 [30.0, 30.0] | 20.0 [20.0, 20.0] | 70.0 [70.0, 70.0] |" in table
+    assert "sanity Spearman, layers re-initialised (area over the cascade)" in table
+    assert "sanity SSIM, layers redrawn from their own mean / std (area over the cascade)" in table
+
+
 def test_markdown_table_is_shaped_like_the_paper_with_notes():
     summary = summarize(scores(), resamples=200)
     table = markdown_table(summary, missing_methods=["rise"], excluded={"fame": 4, "gradcam": 0})
     assert "### Localisation and faithfulness (paper Tab. 1)" in table
     header = next(line for line in table.splitlines() if line.startswith("| method | IoU"))
     assert "IoU@0.3 ×100" in header and "IoU@0.5 ×100" in header and "IoU@0.7" not in header  # absent: left out
-    assert "ROAD MoRF zero" in header and "ROAD LeRF linear" in header and "Deletion AUC ×100" in header
+    assert "ROAD MoRF zero" in header and "ROAD LeRF linear" in header and "Deletion AUC ×100 (FAME protocol)" in header
+    assert "RISE protocol" not in header  # no deletion_rise rows: no RISE columns
     fame_row = next(line for line in table.splitlines() if line.startswith("| fame |"))
     row = summary[(summary.method == "fame") & (summary.metric == "iou_30")].iloc[0]
     assert f"{100 * row['mean']:.1f} [{100 * row.low:.1f}, {100 * row.high:.1f}]" in fame_row

@@ -19,6 +19,8 @@ from fame.stages.evaluate import complete_entries
 from fame.stages.sanity import plot_sanity, sanity_records
 from fame.store import MapStore
 
+from literal_baselines import literal_reinitialize
+
 SIZE, COUNT = 16, 5
 FULLGRAD = {"name": "fullgrad"}  # gradient-based; Grad-CAM maps of an untrained net are often all zero
 RANDOM = {"name": "random", "seed": 0}
@@ -53,8 +55,9 @@ def tiny_store(path, dataset, methods, task="classification", target="label", in
     return store
 
 
-def sanity_config(samples=3, layers=None):
-    return OmegaConf.create({"seed": 7, "batch_size": 2, "sanity": {"samples": samples, "layers": layers}})
+def sanity_config(samples=3, layers=None, randomization="reinit"):
+    return OmegaConf.create({"seed": 7, "batch_size": 2,
+                             "sanity": {"samples": samples, "layers": layers, "randomization": randomization}})
 
 
 def run(store, model, dataset, config):
@@ -62,20 +65,22 @@ def run(store, model, dataset, config):
     return sanity_records(config, model, store, entries, dataset, rows, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("target, input_space, names", [
-    ("label", "pixels", ["net.classifier", "net.stages"]),
-    ("prediction", "normalized", ["classifier", "stages"]),
+@pytest.mark.parametrize("target, input_space, names, randomization", [
+    ("label", "pixels", ["net.classifier", "net.stages"], "reinit"),
+    ("prediction", "normalized", ["classifier", "stages"], "redraw"),
 ])
-def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target, input_space, names):
+def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target, input_space, names, randomization):
     model, dataset = tiny_model(), tiny_dataset()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     store = tiny_store(tmp_path / "maps.zarr", dataset, [FULLGRAD, RANDOM], target=target, input_space=input_space)
-    records, layer_names = run(store, model, dataset, sanity_config())
+    records, layer_names = run(store, model, dataset, sanity_config(randomization=randomization))
     assert layer_names == names
     frame = pd.DataFrame.from_records(records)
     assert list(frame.columns) == ["method", "metric", "level", "value", "sample_id"]
     assert len(frame) == 2 * 2 * 2 * 3  # methods x metrics x steps x samples
-    assert set(frame["metric"]) == {"sanity_spearman", "sanity_ssim"} and set(frame["level"]) == {1.0, 2.0}
+    spearman, ssim = ("sanity_spearman", "sanity_ssim") if randomization == "reinit" else \
+        ("sanity_redraw_spearman", "sanity_redraw_ssim")
+    assert set(frame["metric"]) == {spearman, ssim} and set(frame["level"]) == {1.0, 2.0}
     assert set(frame["sample_id"]) == {"s0", "s1", "s2"}
 
     # The caller's model is untouched (weights, buffers, gradients).
@@ -87,7 +92,7 @@ def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target,
     floor = frame[frame["method"] == "random"]
     assert np.allclose(floor["value"], 1.0, atol=1e-6)
 
-    # FullGrad against the definitions: the same blocks redrawn from a generator seeded with `seed`.
+    # FullGrad against the definitions: the same blocks re-initialised / redrawn from a generator seeded with `seed`.
     images = torch.stack([item["image"] for item in dataset[:3]])
     targets = torch.tensor([item["label"] for item in dataset[:3]])
     if target == "prediction":
@@ -103,16 +108,19 @@ def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target,
     cam = frame[frame["method"] == "fullgrad"]
     assert np.isfinite(cam["value"]).all()
     for step, name in enumerate(names, start=1):
-        randomize_parameters_(randomized.get_submodule(name), generator)
+        if randomization == "reinit":
+            literal_reinitialize(randomized.get_submodule(name), int(torch.randint(0, 2**62, (), generator=generator)))
+        else:
+            randomize_parameters_(randomized.get_submodule(name), generator)
         maps = fullgrad(randomized, images, targets, ids=ids).maps[""]
         for b, sid in enumerate(ids):
             first, second = intact[b, 0].numpy().astype(np.float64), maps[b, 0].numpy().astype(np.float64)
             expected_rho = spearmanr(first.ravel(), second.ravel()).statistic
             expected_ssim = structural_similarity(first.astype(np.float32), second.astype(np.float32), data_range=1.0)
             row = cam[(cam["level"] == step) & (cam["sample_id"] == sid)].set_index("metric")["value"]
-            np.testing.assert_allclose(row["sanity_spearman"], expected_rho, atol=1e-4)
-            np.testing.assert_allclose(row["sanity_ssim"], expected_ssim, atol=1e-4)
-    first_step = cam[(cam["metric"] == "sanity_spearman") & (cam["level"] == 1.0)]["value"]
+            np.testing.assert_allclose(row[spearman], expected_rho, atol=1e-4)
+            np.testing.assert_allclose(row[ssim], expected_ssim, atol=1e-4)
+    first_step = cam[(cam["metric"] == spearman) & (cam["level"] == 1.0)]["value"]
     assert (first_step < 0.99).all()  # the map follows the randomized classifier weights
 
 
@@ -148,3 +156,5 @@ def test_config_errors(tmp_path):
         run(store, model, dataset, sanity_config(samples=0))
     with pytest.raises(ConfigError, match="sanity.layers"):
         run(store, model, dataset, sanity_config(layers="net.classifier"))
+    with pytest.raises(ConfigError, match="'sanity.randomization' has the value 'shuffle'; allowed: one of 'reinit', 'redraw'"):
+        run(store, model, dataset, sanity_config(randomization="shuffle"))

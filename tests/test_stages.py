@@ -69,6 +69,8 @@ def test_explain_config_errors_name_the_key(trained, override, key):
     ("road.percentages=[10,50,100]", "road.percentages"),  # the logit drop is measured from P = 0
     ("deletion.fractions=[0,1,0.5]", "deletion.fractions"),
     ("verification.percentages=[0,50,50]", "verification.percentages"),
+    ("deletion.protocol=black", "deletion.protocol"),
+    ("sanity.randomization=shuffle", "sanity.randomization"),
 ])
 def test_evaluate_config_errors_name_the_key_before_reading_the_store(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -120,6 +122,18 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
     assert {"method", "metric", "level", "value", "sample_id"} <= set(pd.read_csv(report / "scores.csv").columns)
     assert "gradcam" in (report / "metrics.md").read_text()
     assert (report / "overlays.png").stat().st_size > 1000 and (report / "curves_road_morf.png").exists()
+    assert "Deletion AUC ×100 (FAME protocol)" in (report / "metrics.md").read_text()
+    assert "layers re-initialised" in (report / "metrics.md").read_text()
+
+    rise = evaluate(config("evaluate", output, "grid_rows=0", "logger.enabled=false", "methods=[gradcam]",
+                           "families=[deletion,sanity]", "deletion.protocol=rise", "sanity.randomization=redraw",
+                           "sanity.samples=2", "bootstrap.resamples=20", "exclude_empty=false",
+                           f"output_dir={output}/evaluate_rise"))
+    assert {"deletion_rise", "insertion_rise", "deletion_rise_auc", "sanity_redraw_spearman"} <= set(rise["metric"])
+    assert rise[rise["metric"] == "deletion_rise"]["level"].nunique() == 65  # one row of the 64 px images per step
+    table = (output / "evaluate_rise" / "metrics.md").read_text()
+    assert "Deletion AUC ×100 (RISE protocol)" in table and "FAME protocol" not in table
+    assert "layers redrawn from their own mean / std" in table
 
 
 def test_evaluate_over_a_sweep_index_tables_each_metric_against_the_swept_value(trained):

@@ -259,10 +259,12 @@ def corrrise_verification(
 def fggb_verification(
     model, images, references, *, ids, threshold: float = DEFAULT_THRESHOLD, blur_kernel: Optional[int] = None,
     blur_sigma: Optional[float] = None, normalization: str = "max", batch_size: int = 256,
+    gradient_of: str = "normalized",
 ) -> MethodResult:
-    """FGGB (Lu et al., FG 2024); ``threshold`` is the model's EER threshold theta."""
+    """FGGB (Lu et al., FG 2024); ``threshold`` is the model's EER threshold theta; ``gradient_of``
+    the differentiated feature ("normalized" embedding or "raw" feature)."""
     return MethodResult(fggb_maps(model, images, references, threshold, blur_kernel, blur_sigma, normalization,
-                                  batch_size))
+                                  batch_size, gradient_of))
 
 
 # --- floors (both tasks) ----------------------------------------------------------------------

@@ -1,13 +1,27 @@
 """Faithfulness of attribution maps by pixel removal: deletion / insertion curves (DESIGN.md sec. 3).
 
-Deletion and insertion follow the RISE protocol (Petsiuk et al., BMVC 2018): pixels are removed
-from (deletion) or inserted into (insertion) the image in the order of the map, and the target
-class probability is recorded at each fraction of pixels. Deletion replaces removed pixels with
-zero; insertion starts from a blurred copy of the image (RISE: Gaussian kernel 11, sigma 5).
+Deletion and insertion (Petsiuk et al., RISE, BMVC 2018): pixels are removed from (deletion) or
+inserted into (insertion) the image in the order of the map, and the target class probability is
+recorded at each level. Two protocols (``substrate`` of :func:`deletion_curve`, levels
+``fractions``):
+
+- "fame" (default): in [0, 1] pixel space, removed pixels become 0 (black) and insertion starts
+  from torchvision's Gaussian blur (kernel 11, sigma 5, reflect padding); 11 levels
+  (:data:`DEFAULT_FRACTIONS`); ties in raster order.
+- "rise": RISE's ``CausalMetric``. Its substrates live in the model's mean/std-normalized input:
+  deletion sets it to 0, i.e. the mean colour in pixels; insertion starts from RISE's blur of it,
+  a 2-D convolution with zero padding whose 11 x 11 kernel is scipy's ``gaussian_filter`` (sigma
+  5, truncated at 4 sigma, reflect mode) of a centred unit impulse (:func:`rise_kernel`); in pixels
+  that is the blur padded with the mean colour. One row of pixels (W) per step: H + 1 levels
+  (:func:`rise_fractions`, 225 at 224 px). Pixels in descending saliency as RISE's
+  ``flip(argsort(map))``: tied values in reverse raster order. RISE's AUC (sum of the points
+  minus half the first and last, divided by the number of steps) is :func:`curve_auc` over these
+  equally spaced levels. The class is the one the map explains (RISE's code: the top-1 class,
+  i.e. maps made with ``target=prediction``).
 
 Pixel order is a stable ranking of the map: most relevant first sorts descending, least relevant
-first ascending, and tied values keep raster order in both. At a fraction f of N pixels the
-``round(f * N)`` (halves rounded up) first-ranked pixels are affected.
+first ascending, and tied values keep raster order in both (protocol "fame"). At a fraction f of
+N pixels the ``round(f * N)`` (halves rounded up) first-ranked pixels are affected.
 
 ``verification_curve`` applies the same removal to face verification (the FAME paper's Tab. 2).
 
@@ -18,7 +32,7 @@ batch-dependent layers (BatchNorm in training mode) no metric can be independent
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +44,10 @@ DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
 
 RISE_BLUR_KERNEL = 11
 RISE_BLUR_SIGMA = 5.0
+#: scipy.ndimage.gaussian_filter's default truncation, in sigmas, used by RISE's kernel.
+RISE_BLUR_TRUNCATE = 4.0
+#: Deletion / insertion protocols: ours and Petsiuk et al.'s CausalMetric (module docstring).
+SUBSTRATES = ("fame", "rise")
 
 
 def _check_maps(images: Tensor, maps: Tensor) -> Tensor:
@@ -64,12 +82,16 @@ def _check_levels(levels: Tensor, name: str) -> Tensor:
     return levels
 
 
-def pixel_ranks(maps: Tensor, most_relevant_first: bool = True) -> Tensor:
-    """Removal rank of each pixel (B, 1, H, W), 0 = removed first; stable, ties in raster order."""
+def pixel_ranks(maps: Tensor, most_relevant_first: bool = True, ties_reversed: bool = False) -> Tensor:
+    """Removal rank of each pixel (B, 1, H, W), 0 = removed first; stable, ties in raster order,
+    or in reverse raster order with ``ties_reversed`` (the reverse of the opposite sort, RISE's order)."""
     if maps.dim() == 3:
         maps = maps.unsqueeze(1)
     flat = maps.flatten(1).float()
-    order = torch.sort(flat, dim=1, descending=most_relevant_first, stable=True).indices
+    if ties_reversed:
+        order = torch.sort(flat, dim=1, descending=not most_relevant_first, stable=True).indices.flip(1)
+    else:
+        order = torch.sort(flat, dim=1, descending=most_relevant_first, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
     return ranks.view_as(maps)
@@ -112,8 +134,60 @@ def remove_top_pixels(
 
 
 def rise_blur(images: Tensor) -> Tensor:
-    """The RISE insertion baseline: Gaussian blur, kernel 11, sigma 5 (reflect padding)."""
+    """Our insertion baseline ("fame"): torchvision Gaussian blur, kernel 11, sigma 5, reflect padding."""
     return gaussian_blur(images, [RISE_BLUR_KERNEL, RISE_BLUR_KERNEL], [RISE_BLUR_SIGMA, RISE_BLUR_SIGMA])
+
+
+def rise_kernel(dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """RISE's 11 x 11 blur kernel: scipy's ``gaussian_filter(impulse, 5)`` of a centred unit impulse.
+
+    The filter is separable, so the kernel is the outer product of its 1-D response: Gaussian
+    weights on offsets -20..20 (truncated at 4 sigma) summed to 1, folded back into the 11 samples
+    by scipy's "reflect" boundary (d c b a | a b c d | d c b a). It sums to 1.
+    """
+    size, centre = RISE_BLUR_KERNEL, RISE_BLUR_KERNEL // 2
+    radius = int(RISE_BLUR_TRUNCATE * RISE_BLUR_SIGMA + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / RISE_BLUR_SIGMA) ** 2)
+    weights = weights / weights.sum()
+    response = torch.zeros(size, dtype=torch.float64)
+    for position in range(size):
+        sources = (position + offsets.long()) % (2 * size)  # reflect: period 2 * size, mirrored half
+        sources = torch.where(sources >= size, 2 * size - 1 - sources, sources)
+        response[position] = weights[sources == centre].sum()
+    return torch.outer(response, response).to(dtype=dtype, device=device)
+
+
+def normalized_zero(images: Tensor, mean: Optional[Union[Sequence[float], Tensor]]) -> Tensor:
+    """The pixel colour (1, C, 1, 1) the model's input normalization maps to 0: ``mean`` (None: black)."""
+    channels = images.shape[1]
+    if mean is None:
+        return torch.zeros(1, channels, 1, 1, dtype=images.dtype, device=images.device)
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(-1)
+    if mean.numel() != channels:
+        raise ValueError(f"mean must hold one value per channel ({channels}), got {mean.tolist()}")
+    return mean.view(1, channels, 1, 1)
+
+
+def rise_substrate_blur(images: Tensor, mean: Optional[Union[Sequence[float], Tensor]] = None) -> Tensor:
+    """RISE's insertion start in pixels: its blur (:func:`rise_kernel`, zero padding) of the
+    normalized image, mapped back. Per channel, blur((x - m) / s) * s + m = blur(x - m) + m, so
+    only the mean ``mean`` (the colour normalization maps to 0; None: black) matters."""
+    zero = normalized_zero(images, mean)
+    channels = images.shape[1]
+    kernel = rise_kernel(images.dtype, images.device).expand(channels, 1, -1, -1)
+    return F.conv2d(images - zero, kernel, padding=RISE_BLUR_KERNEL // 2, groups=channels) + zero
+
+
+def rise_fractions(height: int, width: int, step: Optional[int] = None) -> Tuple[float, ...]:
+    """RISE's levels: ``step`` pixels per step (default W, one row), ceil(H W / step) steps,
+    min(i step, H W) / (H W) for i = 0..steps (H + 1 levels for the default step)."""
+    total = int(height) * int(width)
+    step = int(width) if step is None else int(step)
+    if step < 1:
+        raise ValueError(f"step must be a positive number of pixels, got {step}")
+    steps = (total + step - 1) // step
+    return tuple(min(i * step, total) / total for i in range(steps + 1))
 
 
 def evaluate_levels(
@@ -151,26 +225,34 @@ def deletion_curve(
     mode: str = "deletion",
     baseline: Optional[str] = None,
     batch_size: Optional[int] = None,
+    substrate: str = "fame",
+    mean: Optional[Union[Sequence[float], Tensor]] = None,
 ) -> Tensor:
-    """Softmax probability of the target class (B, len(fractions)) along a RISE curve.
+    """Softmax probability of the target class (B, len(fractions)) along a deletion / insertion curve.
 
     ``mode="deletion"``: the top f of pixels (map order, most relevant first) replaced by the
     baseline; ``mode="insertion"``: the baseline image with the top f of pixels restored.
-    ``baseline`` is "zero" or "blur" (RISE Gaussian blur); by default deletion uses "zero" and
-    insertion "blur" as in RISE. ``batch_size`` bounds the images per forward pass (default B).
+    ``baseline`` is "zero" or "blur"; by default deletion uses "zero" and insertion "blur" as in
+    RISE. ``substrate`` picks the protocol (module docstring): "fame" (zero = black, torchvision
+    blur, ties in raster order) or "rise" (zero and blur in the normalized input, where ``mean``,
+    the per-channel mean of the model's input normalization (None: none), is 0; ties in reverse
+    raster order); ``mean`` is read by "rise" only. :func:`rise_fractions` gives RISE's levels. ``batch_size`` bounds the images
+    per forward pass (default B).
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if substrate not in SUBSTRATES:
+        raise ValueError(f"substrate must be one of {', '.join(SUBSTRATES)}, got {substrate!r}")
     baseline = baseline or ("zero" if mode == "deletion" else "blur")
     if baseline == "zero":
-        reference = torch.zeros_like(images)
+        reference = normalized_zero(images, mean).expand_as(images) if substrate == "rise" else torch.zeros_like(images)
     elif baseline == "blur":
-        reference = rise_blur(images)
+        reference = rise_substrate_blur(images, mean) if substrate == "rise" else rise_blur(images)
     else:
         raise ValueError(f"baseline must be 'zero' or 'blur', got {baseline!r}")
     maps = _check_maps(images, maps)
     targets = _check_targets(targets, images.shape[0])
-    ranks = pixel_ranks(maps, most_relevant_first=True)
+    ranks = pixel_ranks(maps, most_relevant_first=True, ties_reversed=substrate == "rise")
     counts = pixel_counts(fractions, ranks[0].numel(), images.device)
     if counts.numel() == 0:
         raise ValueError("fractions is empty: pass at least one fraction in [0, 1]")

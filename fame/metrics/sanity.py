@@ -1,14 +1,22 @@
 """Model-randomisation sanity check (Adebayo et al., NeurIPS 2018), DESIGN.md sec. 3.
 
-The layers of a copy of the model are re-drawn at random one after the other, from the output
-down ("cascading randomization"); after each step the maps are recomputed and compared with the
+The layers of a copy of the model are randomized one after the other, from the output down
+("cascading randomization"); after each step the maps are recomputed and compared with the
 maps of the intact model by Spearman rank correlation and SSIM. A map that reflects what the
 model computes must change as its layers lose their learned weights; a map that stays similar is
 an edge detector, not an explanation.
 
 A cascade step names a module: a leaf layer (``parameterized_layers``, e.g. ``"layer4.1.conv2"``)
 or a whole block (``layer_blocks``, e.g. ResNet's ``fc, layer4, layer3, layer2, layer1, bn1,
-conv1`` as in the paper); a step redraws every parameter in the named module's subtree.
+conv1`` as in the paper); a step randomizes every parameter in the named module's subtree, in
+one of two ways (``RANDOMIZATIONS``):
+
+- "reinit" (default): re-initialisation, as Adebayo et al. and Quantus do: every module of the
+  subtree that has ``reset_parameters()`` draws its parameters afresh from its own initialiser, and
+  BatchNorm running statistics are reset (``reset_running_stats()``: mean 0, variance 1).
+  Parameters of a module without ``reset_parameters()`` stay as they are (as in Quantus).
+- "redraw": every parameter redrawn from a Gaussian with its own mean and std; running statistics
+  kept.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
+
+
+#: Ways of randomizing a cascade step (module docstring).
+RANDOMIZATIONS = ("reinit", "redraw")
 
 
 @dataclass
@@ -92,6 +104,44 @@ def randomize_parameters_(module: nn.Module, generator: torch.Generator, recurse
             parameter.copy_(mean + spread * draw.to(parameter.device))
 
 
+def reinitialization_seed(generator: torch.Generator) -> int:
+    """The global seed one re-initialisation step runs under, drawn from ``generator``."""
+    return int(torch.randint(0, 2**62, (), generator=generator))
+
+
+def reinitialize_parameters_(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise the module's subtree: ``reset_parameters()`` of every module that has it and
+    ``reset_running_stats()`` of every module with running statistics, in ``module.modules()`` order.
+
+    PyTorch's initialisers draw from the global generator of the parameters' device, so the step
+    seeds it (the CPU one and that of each CUDA device holding parameters) with
+    ``reinitialization_seed(generator)`` inside ``torch.random.fork_rng``: the same generator state
+    gives the same weights on the same device, and the caller's global random state is left as it was.
+    """
+    seed = reinitialization_seed(generator)
+    devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.random.default_generator.manual_seed(seed)
+        for device in devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        for submodule in module.modules():
+            if callable(getattr(submodule, "reset_parameters", None)):
+                submodule.reset_parameters()
+            if callable(getattr(submodule, "reset_running_stats", None)):
+                submodule.reset_running_stats()
+
+
+def randomize_step_(module: nn.Module, generator: torch.Generator, randomization: str = "reinit") -> None:
+    """One cascade step on ``module``: :func:`reinitialize_parameters_` or :func:`randomize_parameters_`."""
+    if randomization == "reinit":
+        reinitialize_parameters_(module, generator)
+    elif randomization == "redraw":
+        randomize_parameters_(module, generator)
+    else:
+        raise ValueError(f"randomization must be one of {', '.join(RANDOMIZATIONS)}, got {randomization!r}")
+
+
 def spearman_correlation(first: Tensor, second: Tensor) -> Tensor:
     """Spearman rank correlation (B,) of two batches of maps (B, ...), ties given their average rank."""
     first_ranks, second_ranks = _average_ranks(first.flatten(1)), _average_ranks(second.flatten(1))
@@ -130,6 +180,7 @@ def cascading_randomization(
     targets: Tensor,
     generator: torch.Generator,
     layers: Optional[Sequence[str]] = None,
+    randomization: str = "reinit",
 ) -> RandomizationResult:
     """Spearman and SSIM of the maps after randomizing ``layers`` cumulatively, in the given order.
 
@@ -137,12 +188,15 @@ def cascading_randomization(
     method: ``lambda m, x, t: method(m, x, t, ids=ids).maps[""]``); it is called once on the
     intact copy, then once after each step. ``layers`` are module names of ``model``: leaves or
     blocks, default ``parameterized_layers(model)`` (every leaf, output first; ``layer_blocks(model)``
-    gives the paper's block cascade). Step l redraws every parameter in the subtree of
-    ``layers[l]`` (see ``randomize_parameters_``), keeping the steps before it. The caller's model
-    is never touched (not even its gradients): the maps of the intact model and the randomization
-    both use a deep copy, with parameters drawn from ``generator``; the same generator state gives
-    the same randomized networks.
+    gives the paper's block cascade). Step l randomizes every parameter in the subtree of
+    ``layers[l]`` (``randomization`` "reinit": :func:`reinitialize_parameters_`, "redraw":
+    :func:`randomize_parameters_`), keeping the steps before it. The caller's model is never
+    touched (not even its gradients): the maps of the intact model and the randomization both use
+    a deep copy, with parameters drawn from ``generator``; the same generator state gives the same
+    randomized networks.
     """
+    if randomization not in RANDOMIZATIONS:
+        raise ValueError(f"randomization must be one of {', '.join(RANDOMIZATIONS)}, got {randomization!r}")
     randomized = copy.deepcopy(model)
     modules = dict(randomized.named_modules())
     layers = list(parameterized_layers(randomized) if layers is None else layers)
@@ -153,7 +207,7 @@ def cascading_randomization(
     original = explain_fn(randomized, images, targets).detach()  # the copy, still intact
     spearman, ssim = [], []
     for name in layers:
-        randomize_parameters_(modules[name], generator)
+        randomize_step_(modules[name], generator, randomization)
         maps = explain_fn(randomized, images, targets).detach()
         correlation = spearman_correlation(original, maps).cpu()
         # a map that became constant (e.g. FAME takes no step on the randomized model) keeps no

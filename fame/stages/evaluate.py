@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, plain, trusted_file, validate
+from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, plain, trusted_file, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
-from ..metrics.faithfulness import curve_auc, deletion_curve, verification_curve
+from ..metrics.faithfulness import SUBSTRATES, curve_auc, deletion_curve, rise_fractions, verification_curve
 from ..metrics.localization import LOCALIZATION_METRICS, boxes_to_masks
 from ..metrics.road import road_curve
 from ..provenance import checkpoint_digest
@@ -39,6 +39,8 @@ ROAD_ORDERS = {"morf": True, "lerf": False}
 ROAD_IMPUTATIONS = ("zero", "linear")
 FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
 SPLITS = ("train", "val", "test")
+#: Metric-name suffix of each deletion / insertion protocol: "deletion" (ours), "deletion_rise" (RISE's).
+DELETION_SUFFIXES = {"fame": "", "rise": "_rise"}
 
 EVALUATE_SCHEMA = {
     "seed": Rule(int, minimum=0),
@@ -62,10 +64,20 @@ def check_evaluate_config(config: DictConfig) -> None:
     check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
     for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
         check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum), increasing=True)
+    deletion_protocol(config)
     sanity_options(config)
     if "road" in config.families and config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
         raise ConfigError(f"config key 'road.percentages' has the value {list(config.road.percentages)}; "
                           "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
+
+
+def deletion_protocol(config: DictConfig) -> str:
+    """``deletion.protocol``, checked: "fame" (black / blurred pixels at ``deletion.fractions``) or
+    "rise" (Petsiuk et al.'s CausalMetric, see fame.metrics.faithfulness); absent means "fame"."""
+    protocol = lookup(config, "deletion.protocol", default="fame")
+    Rule(str, choices=SUBSTRATES, help="fame: black / blurred [0, 1] pixels at deletion.fractions; rise: RISE's "
+         "CausalMetric, one pixel row per step").check("deletion.protocol", protocol)
+    return protocol
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
@@ -177,11 +189,15 @@ def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: 
                 rows += _rows(entry, f"{name}_probability", percentages, curves.probability, ids)
                 rows += _rows(entry, f"{name}_accuracy", percentages, curves.correct, ids)
     if "deletion" in config.families:
-        fractions = list(config.deletion.fractions)
+        protocol = deletion_protocol(config)
+        fractions = list(config.deletion.fractions) if protocol == "fame" else list(rise_fractions(*images.shape[-2:]))
+        mean = getattr(model, "mean", None)  # the colour the model's input normalization maps to 0
         for mode in ("deletion", "insertion"):
-            curve = deletion_curve(model, images, maps, targets, fractions, mode, batch_size=config.batch_size)
-            rows += _rows(entry, mode, fractions, curve, ids)
-            rows += _rows(entry, f"{mode}_auc", [], curve_auc(curve, fractions), ids)
+            curve = deletion_curve(model, images, maps, targets, fractions, mode, batch_size=config.batch_size,
+                                   substrate=protocol, mean=mean if isinstance(mean, Tensor) else None)
+            name = mode + DELETION_SUFFIXES[protocol]
+            rows += _rows(entry, name, fractions, curve, ids)
+            rows += _rows(entry, f"{name}_auc", [], curve_auc(curve, fractions), ids)
     return rows
 
 

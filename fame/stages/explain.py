@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError, Rule, check_fame_options, config_targets, instantiate, plain, trusted_file, validate
 from ..data.modules import collate_items, limited
 from ..explain import FameConfig
+from ..explain.fggb import GRADIENT_OF
 from ..explain.objectives import VERIFICATION_MODES
 from ..explain.registry import MethodResult, get_method, method_names
 from ..lightning.checkpoints import load_module_checkpoint
@@ -71,6 +72,8 @@ def check_explain_config(config: DictConfig) -> None:
             raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
         if method == "fame":
             check_fame_options(method_options(options), f"explainer.{name}")
+        if method == "fggb":
+            Rule(str, choices=GRADIENT_OF).check(f"explainer.{name}.gradient_of", options.get("gradient_of", "normalized"))
     if config.input_space == "normalized" and task != "classification":
         raise ConfigError("input_space=normalized applies to classifiers; face models normalize inside and are "
                           "perturbed in [0, 1] pixels")

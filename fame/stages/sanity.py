@@ -3,9 +3,13 @@
 Each method of a classification store is re-run on the first ``sanity.samples`` scored samples,
 with the settings its maps were made with (method options, ``target``, ``input_space``), while
 the blocks of a copy of the model are randomized one after the other from the output down
-(:func:`fame.metrics.sanity.cascading_randomization`). Every step gives long-table rows
+(:func:`fame.metrics.sanity.cascading_randomization`): re-initialised (``sanity.randomization:
+reinit``, Adebayo et al. and Quantus) or redrawn from their own mean / std (``redraw``). Every
+step gives long-table rows
 
     method=<entry>, metric="sanity_spearman" | "sanity_ssim", level=<step 1..L>, value, sample_id
+
+("sanity_redraw_spearman" | "sanity_redraw_ssim" for ``redraw``, so scores name their protocol)
 
 comparing the maps after step l (blocks ``layers[:l]`` randomized) with the intact model's maps;
 :func:`sanity_records` also returns the layer name of each step (``layer_names[l - 1]``), which
@@ -13,7 +17,8 @@ comparing the maps after step l (blocks ``layers[:l]`` randomized) with the inta
 one that stays near 1 (the "random", "centre" and "sobel" floors by construction) does not
 depend on the model's weights.
 
-Config keys read: ``sanity.samples`` (int >= 1, default 8), ``sanity.layers`` (null: the blocks
+Config keys read: ``sanity.randomization`` (reinit or redraw, default reinit),
+``sanity.samples`` (int >= 1, default 8), ``sanity.layers`` (null: the blocks
 of :func:`fame.metrics.sanity.layer_blocks` of the model the method sees, else a list of module
 names of that model), ``seed`` (the randomized weights; the same for every method) and
 ``batch_size`` (samples per method call; null or absent: all at once).
@@ -33,17 +38,26 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, Rule, lookup
 from ..data.modules import collate_items
 from ..explain.registry import get_method
-from ..metrics.sanity import cascading_randomization, holds_parameters, layer_blocks
+from ..metrics.sanity import RANDOMIZATIONS, cascading_randomization, holds_parameters, layer_blocks
 from .explain import method_options, predicted_classes
 
 SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
+#: Metric names per randomization: re-initialisation keeps the plain names, the redraw is named.
+RANDOMIZATION_METRICS = {"reinit": SANITY_METRICS, "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
+#: How the plot names each randomization.
+RANDOMIZATION_LABELS = {"reinit": "layers re-initialised", "redraw": "layers redrawn from their own mean / std"}
+DEFAULT_RANDOMIZATION = "reinit"
 DEFAULT_SAMPLES = 8
 #: Candidate module names listed in full in an unknown-layer error up to this many.
 LISTED_NAMES = 40
 
 
-def sanity_options(config: Any) -> Tuple[int, Optional[List[str]]]:
-    """(``sanity.samples``, ``sanity.layers``) of the config, checked; defaults 8 and null."""
+def sanity_options(config: Any) -> Tuple[int, Optional[List[str]], str]:
+    """(``sanity.samples``, ``sanity.layers``, ``sanity.randomization``) of the config, checked;
+    defaults 8, null and reinit."""
+    randomization = lookup(config, "sanity.randomization", default=DEFAULT_RANDOMIZATION)
+    Rule(str, choices=RANDOMIZATIONS, help="reinit: reset_parameters() and BatchNorm statistics reset; redraw: "
+         "parameters redrawn from their own mean / std").check("sanity.randomization", randomization)
     samples = lookup(config, "sanity.samples", default=DEFAULT_SAMPLES)
     Rule(int, minimum=1).check("sanity.samples", samples)
     layers = lookup(config, "sanity.layers", default=None)
@@ -51,7 +65,7 @@ def sanity_options(config: Any) -> Tuple[int, Optional[List[str]]]:
                                or not all(isinstance(name, str) for name in layers)):
         raise ConfigError(f"config key 'sanity.layers' has the value {layers!r}; allowed: null (the model's blocks, "
                           "output first) or a non-empty list of module names, e.g. [fc, layer4, layer3]")
-    return samples, layers
+    return samples, layers, randomization
 
 
 def _parameterized_names(model: nn.Module) -> List[str]:
@@ -106,7 +120,7 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
 
     ``rows`` are the dataset indices scored (complete in every entry); the first ``sanity.samples``
     are used. Returns ``(records, layer_names)``: records have metric "sanity_spearman" or
-    "sanity_ssim", level = cascade step l (1.0 .. L) and the Spearman / SSIM of each sample's map
+    "sanity_ssim" ("sanity_redraw_..." with ``sanity.randomization: redraw``), level = cascade step l (1.0 .. L) and the Spearman / SSIM of each sample's map
     after step l with its map from the intact model (Spearman 0 where the new map is constant, NaN
     where the intact one is);
     ``layer_names[l - 1]`` is the module randomized at step l (names of the model the method sees;
@@ -119,7 +133,7 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
     if task != "classification":
         raise ConfigError(f"the sanity check needs a classification store; {store.path} holds {task} maps "
                           "(leave the sanity check off for face verification)")
-    samples, layers = sanity_options(config)
+    samples, layers, randomization = sanity_options(config)
     chosen = np.asarray(rows, dtype=np.int64)[:samples]
     if len(chosen) == 0 or not entries:
         raise ConfigError(f"the sanity check has nothing to re-explain in {store.path}: no complete maps")
@@ -144,8 +158,8 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
             bar.set_postfix_str(plan["entry"])
             generator = torch.Generator().manual_seed(int(config.seed))
             result = cascading_randomization(plan["model"], explain_fn, plan["inputs"], plan["targets"], generator,
-                                             layers=plan["layers"])
-            for metric, values in (("sanity_spearman", result.spearman), ("sanity_ssim", result.ssim)):
+                                             layers=plan["layers"], randomization=randomization)
+            for metric, values in zip(RANDOMIZATION_METRICS[randomization], (result.spearman, result.ssim)):
                 values = values.double().cpu()
                 records += [{"method": plan["entry"], "metric": metric, "level": float(step + 1),
                              "value": float(values[step, b]), "sample_id": sid}
@@ -164,26 +178,34 @@ def plot_sanity(summary_or_frame: pd.DataFrame, layer_names: Sequence[str], path
     x = cascade step 1..L labelled with ``layer_names`` (the module randomized at that step, the
     steps before it kept), y = the mean over samples with its bootstrap band. Takes a
     :func:`fame.report.summarize` result or the long score table (summarized here with
-    ``confidence``, ``resamples`` and ``seed``); rows of other metrics are ignored.
+    ``confidence``, ``resamples`` and ``seed``); rows of other metrics are ignored. The titles
+    name the randomization of the rows (re-initialisation where both are present).
     """
     from .. import report
 
-    table = summary_or_frame[summary_or_frame["metric"].isin(SANITY_METRICS)]
+    present = set(summary_or_frame["metric"])
+    randomization = next((kind for kind, names in RANDOMIZATION_METRICS.items() if present & set(names)), None)
+    if randomization is None:
+        known = [name for names in RANDOMIZATION_METRICS.values() for name in names]
+        raise ValueError(f"no {' or '.join(known)} rows to plot; run the sanity check first")
+    metrics = RANDOMIZATION_METRICS[randomization]
+    table = summary_or_frame[summary_or_frame["metric"].isin(metrics)]
     if "mean" not in table.columns:
         table = report.summarize(table, confidence=confidence, resamples=resamples, seed=seed, curve_auc=False)
     table = table[table["level"].notna()]
     if table.empty:
-        raise ValueError(f"no {' or '.join(SANITY_METRICS)} rows to plot; run the sanity check first")
+        raise ValueError(f"no {' or '.join(metrics)} curve rows to plot; run the sanity check first")
     methods = list(methods) if methods is not None else list(dict.fromkeys(table["method"]))
     steps = int(table["level"].max())
     labels = [layer_names[k] if k < len(layer_names) else str(k + 1) for k in range(steps)]
     width = max(4.5, 0.55 * steps + 2.5)
     figure, axes = report.plt.subplots(1, 2, figsize=(2 * width, 4.0), squeeze=False)
-    titles = {"sanity_spearman": "Spearman rank correlation with the intact model's maps",
-              "sanity_ssim": "SSIM with the intact model's maps"}
+    spearman, ssim = metrics
+    titles = {spearman: f"Spearman rank correlation with the intact model's maps ({RANDOMIZATION_LABELS[randomization]})",
+              ssim: f"SSIM with the intact model's maps ({RANDOMIZATION_LABELS[randomization]})"}
     colors = report.plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = {}
-    for axis, metric in zip(axes.flat, SANITY_METRICS):
+    for axis, metric in zip(axes.flat, metrics):
         lowest = 0.0
         for position, method in enumerate(methods):  # a method keeps its colour in both panels
             line = table[(table["metric"] == metric) & (table["method"] == method)].sort_values("level")
