@@ -1,7 +1,8 @@
 """Training a face-recognition model with Lightning: a face backbone, a margin head and verification.
 
 The recipe follows insightface's arcface_torch: SGD (lr 0.1, momentum 0.9, weight decay 5e-4 on
-every parameter), a polynomial decay of power 2 stepped per batch after an optional linear warm-up,
+every parameter), a polynomial decay stepped per batch after an optional linear warm-up (power 2 by
+default, as arcface_torch's 2022 recipe; its current ``train_v2.py`` decays linearly, power 1),
 the backbone's gradient norm clipped to 5, mixed precision on GPU through the Trainer's
 ``precision`` ("16-mixed" or "bf16-mixed"; the margin heads compute in float32 anyway).
 
