@@ -69,6 +69,8 @@ def expected_metrics(model, data, stage="val"):
         expected[f"{stage}/{name}/eer"] = report["eer"]
         expected[f"{stage}/{name}/eer_threshold"] = report["eer_threshold"]
         expected[f"{stage}/{name}/tar_at_far"] = report["tar_at_far"]
+        for metric in ("kfold_val_at_far", "kfold_val_std", "kfold_far"):
+            expected[f"{stage}/{name}/{metric}"] = report[metric]
         expected[f"{stage}/{name}/pairs"] = float(len(module.pair_set))
     expected[f"{stage}/acc_mean"] = (expected[f"{stage}/synth/acc"] + expected[f"{stage}/synth_b/acc"]) / 2
     return expected

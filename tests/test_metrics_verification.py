@@ -122,33 +122,50 @@ def test_two_fold_accuracy_by_hand():
     # fold 1 = pairs 0, 1 (0.9 genuine, 0.2 impostor); fold 2 = pairs 2, 3 (0.8 impostor, 0.3 genuine)
     # fold 1 held out: trained on fold 2, rejecting all is best (1/2, largest) -> fold 1 scores 1/2
     # fold 2 held out: trained on fold 1, threshold 0.55 (accuracy 1) -> fold 2 gets both wrong
-    result = ten_fold_accuracy(torch.tensor([0.9, 0.2, 0.8, 0.3]), torch.tensor([1, 0, 0, 1]), folds=2)
+    result = ten_fold_accuracy(torch.tensor([0.9, 0.2, 0.8, 0.3]), torch.tensor([1, 0, 0, 1]), folds=2, thresholds="exact")
     assert result["accuracies"].tolist() == [0.5, 0.0]
     assert result["thresholds"].tolist() == pytest.approx([math.inf, 0.55])
     assert result["accuracy_mean"] == 0.25 and result["accuracy_std"] == 0.25
 
 
-def test_ten_fold_accuracy_std_is_the_population_std_over_folds():
-    # 10 folds of 2 pairs; the first fold's genuine pair has the lowest score of all: every fold's
-    # threshold falls in the gap between impostors (<= 0.4) and the other genuines (>= 0.63), so
-    # fold 0 rejects its own genuine pair and every other fold is decided correctly
+def separable_but_one(fold_zero_genuine: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 folds of 2 pairs (a genuine, an impostor); the first fold's genuine pair scores lowest of all."""
     genuine = torch.linspace(0.6, 0.9, 10)
     impostor = torch.linspace(0.1, 0.4, 10)
     scores = torch.stack([genuine, impostor], dim=1).flatten()
-    scores[0] = 0.05
-    labels = torch.tensor([1, 0] * 10)
-    result = ten_fold_accuracy(scores, labels)
+    scores[0] = fold_zero_genuine
+    return scores, torch.tensor([1, 0] * 10)
+
+
+def test_ten_fold_accuracy_std_is_the_population_std_over_folds():
+    # every fold's exact threshold falls in the gap between impostors (<= 0.4) and the other
+    # genuines (>= 0.63), so fold 0 rejects its own genuine pair and every other fold is right
+    scores, labels = separable_but_one()
+    result = ten_fold_accuracy(scores, labels, thresholds="exact")
     expected = torch.tensor([0.5] + [1.0] * 9, dtype=torch.float64)
     assert torch.equal(result["accuracies"], expected)
     assert result["accuracy_mean"] == pytest.approx(0.95)
     assert result["accuracy_std"] == pytest.approx(0.15)  # sqrt(0.1 * 0.45^2 + 0.9 * 0.05^2)
 
 
+def test_insightface_threshold_is_the_smallest_best_grid_distance():
+    # squared distances 2 - 2 * score: genuines 0.8 - 0.2 (fold 0's: 1.9), impostors 1.8 - 1.2.
+    # Held out fold 1 (genuine score 0.6333, distance 0.7333), the training genuines end at
+    # distance 0.6667: the first best grid point is 0.67, which rejects fold 1's genuine pair.
+    scores, labels = separable_but_one()
+    result = ten_fold_accuracy(scores, labels)
+    assert result["thresholds"][1].item() == pytest.approx(0.67)
+    assert result["accuracies"].tolist() == [0.5, 0.5] + [1.0] * 8
+    assert result["thresholds"][0].item() == pytest.approx(0.74)  # fold 0 out: genuines from 0.7333 on
+
+
 def test_verification_report_collects_every_number():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     labels = torch.tensor([1, 1, 0, 1, 0, 0])
     report = verification_report(scores, labels, folds=2, far=0.0)
-    assert set(report) == {"accuracy_mean", "accuracy_std", "eer", "eer_threshold", "tar_at_far"}
+    assert set(report) == {
+        "accuracy_mean", "accuracy_std", "eer", "eer_threshold", "tar_at_far", "kfold_val_at_far", "kfold_val_std", "kfold_far"
+    }
     assert report["eer"] == pytest.approx(1 / 3) and report["eer_threshold"] == pytest.approx(0.65)
     assert report["tar_at_far"] == pytest.approx(2 / 3)
 

@@ -93,22 +93,26 @@ def test_label_and_shape_errors() -> None:
 
 def test_adaface_margin_follows_the_feature_norm() -> None:
     head = with_centres(AdaFaceHead(2, 3, scale=10.0, margin=0.4, h=0.333))
-    # norms 1 and 3: the first batch sets mean 2 and (population) std 1
+    assert head.norm_mean.item() == 20.0 and head.norm_std.item() == 100.0
+    # norms 1 and 3: batch mean 2, unbiased std sqrt(2); the buffers move 1 % of the way from 20 / 100
     embeddings = torch.tensor([[SQRT3_2, 0.5], [0.0, -3.0]])
     logits = head.train()(embeddings, LABELS)
-    assert head.norm_mean.item() == pytest.approx(2.0) and head.norm_std.item() == pytest.approx(1.0)
-    quality = [0.333 * (-1) / 1.001, 0.333 * 1 / 1.001]
+    mean, std = 0.01 * 2 + 0.99 * 20, 0.01 * math.sqrt(2) + 0.99 * 100
+    assert head.norm_mean.item() == pytest.approx(mean) and head.norm_std.item() == pytest.approx(std)
+    quality = [(1 - mean) / (std + 1e-3) * 0.333, (3 - mean) / (std + 1e-3) * 0.333]
     target_0 = math.cos(math.pi / 6 - 0.4 * quality[0]) - (0.4 + 0.4 * quality[0])
     target_1 = math.cos(math.pi / 2 - 0.4 * quality[1]) - (0.4 + 0.4 * quality[1])
-    assert torch.allclose(logits, expected(10.0, target_0, target_1), atol=1e-5)
-    # later batches move the statistics by the momentum (0.01); eval mode leaves them alone
-    head(torch.tensor([[5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1]))
-    assert head.norm_mean.item() == pytest.approx(2.03) and head.norm_std.item() == pytest.approx(0.99)
+    want = expected(10.0, target_0, target_1)
+    want[1, 1] = 10.0 * (-1 + 1e-3)  # cosine -1 clamped to -(1 - 1e-3)
+    assert torch.allclose(logits, want, atol=1e-5)
+    # eval mode leaves the statistics alone
     head.eval()(torch.tensor([[50.0, 0.0]]), torch.tensor([0]))
-    assert head.norm_mean.item() == pytest.approx(2.03) and int(head.batches_seen) == 2
+    assert head.norm_mean.item() == pytest.approx(mean) and head.norm_std.item() == pytest.approx(std)
 
 
 def test_adaface_quality_is_clipped() -> None:
-    head = with_centres(AdaFaceHead(2, 3, scale=1.0, margin=0.4)).eval()  # mean 0, std 1: norm 100 -> z = 1
+    head = with_centres(AdaFaceHead(2, 3, scale=1.0, margin=0.4)).eval()
+    head.norm_mean.fill_(0.0)
+    head.norm_std.fill_(1.0)  # norm 100 -> z = 100 / 1.001 * 0.333, clipped to 1
     logits = head(torch.tensor([[100.0, 0.0]]), torch.tensor([1]))  # theta_y = 90 deg
     assert logits[0, 1].item() == pytest.approx(math.cos(math.pi / 2 - 0.4) - 0.8, abs=1e-5)

@@ -1,4 +1,4 @@
-"""CorrRISE for face verification (Lu, Xu & Marcel, WACV 2024), as DESIGN.md section 2 fixes it.
+"""CorrRISE for face verification (Lu, Xu & Ebrahimi, WACV 2024).
 
 N masks (500), each a keep-indicator that is 1 everywhere except 3 black square patches (30 x 30
 at 112 px) placed uniformly and fully inside the image (patches may overlap). One mask set, drawn

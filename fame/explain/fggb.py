@@ -1,4 +1,4 @@
-"""FGGB for face verification (Lu, Xu & Marcel, FG 2024), as DESIGN.md section 2 fixes it.
+"""FGGB for face verification (Lu, Xu & Ebrahimi, FG 2024).
 
 With e = phi(x) / ||phi(x)|| the L2-normalized embedding of the explained image (D dimensions)
 and r = phi_ref / ||phi_ref|| the frozen reference:

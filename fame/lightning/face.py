@@ -1,13 +1,15 @@
 """Training a face-recognition model with Lightning: a face backbone, a margin head and verification.
 
 The recipe follows insightface's arcface_torch: SGD (lr 0.1, momentum 0.9, weight decay 5e-4 on
-every parameter), a polynomial decay of power 2 stepped per batch after an optional linear warm-up,
+every parameter), a polynomial decay stepped per batch after an optional linear warm-up (power 2 by
+default, as arcface_torch's 2022 recipe; its current ``train_v2.py`` decays linearly, power 1),
 the backbone's gradient norm clipped to 5, mixed precision on GPU through the Trainer's
 ``precision`` ("16-mixed" or "bf16-mixed"; the margin heads compute in float32 anyway).
 
-Validation runs the standard face-recognition protocol (DESIGN.md sec. 3) on every configured
-verification set: the embedding of each image plus its horizontal flip, L2-normalized; cosine
-similarity per pair; k-fold accuracy, EER and TAR@FAR from :mod:`fame.metrics.verification`.
+Validation runs the standard face-recognition protocol on every configured verification set:
+the embedding of each image plus its horizontal flip, L2-normalized; cosine similarity per pair;
+insightface's k-fold accuracy (or the exact-threshold one) and k-fold VAL@FAR, the EER and the
+whole-set TAR@FAR from :mod:`fame.metrics.verification`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import plain
 from ..data.face_modules import PAIR_KEYS
-from ..metrics.verification import verification_report
+from ..metrics.verification import THRESHOLD_PROTOCOLS, verification_report
 from ..models.export import export_onnx, export_state_dict
 from ..models.face import FaceEmbedder, build_face_model
 from ..models.heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
@@ -36,7 +38,9 @@ HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMar
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("polynomial", "constant")
 #: The metrics logged per verification set, as ``<stage>/<set>/<name>``.
-SET_METRICS = ("acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "pairs")
+SET_METRICS = (
+    "acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "kfold_val_at_far", "kfold_val_std", "kfold_far", "pairs"
+)
 
 
 def _plain(spec: Any, key: str) -> Optional[Dict[str, Any]]:
@@ -122,13 +126,20 @@ class FaceRecognizer(L.LightningModule):
             every parameter.
         val_sets: names of the verification sets, in the order of the val (and test) dataloaders;
             None takes ``val_sets`` of the Trainer's datamodule (:class:`~fame.data.FaceRecognitionDataModule`).
-        folds: folds of the k-fold accuracy; ``far``: the false accept rate of ``tar_at_far``.
+        folds: folds of the k-fold accuracy and VAL@FAR; ``far``: the false accept rate of
+            ``tar_at_far`` and ``kfold_val_at_far``.
+        thresholds: threshold candidates of the k-fold accuracy: "insightface" (the grid of
+            insightface's verification code, which published accuracies use) or "exact" (one per
+            distinct decision); see :func:`~fame.metrics.verification.ten_fold_accuracy`.
 
     ``self.embedder`` is the :class:`~fame.models.FaceEmbedder` ([0, 1] RGB in, embeddings out),
     ``self.head`` the margin head. Logs ``train/loss`` and, per verification set and stage
     (``val`` or ``test``), ``<stage>/<set>/acc`` (k-fold mean), ``acc_std``, ``eer``,
-    ``eer_threshold``, ``tar_at_far`` and ``pairs`` (distinct pairs scored), plus
-    ``<stage>/acc_mean``, the mean accuracy over the sets, for checkpoint monitoring.
+    ``eer_threshold``, ``tar_at_far`` (TAR at ``far`` on the whole set's ROC),
+    ``kfold_val_at_far``, ``kfold_val_std`` and ``kfold_far`` (insightface's k-fold interpolated
+    VAL at ``far``, its std and the FAR reached on the held-out folds) and ``pairs`` (distinct
+    pairs scored), plus ``<stage>/acc_mean``, the mean accuracy over the sets, for checkpoint
+    monitoring.
     """
 
     def __init__(
@@ -148,6 +159,7 @@ class FaceRecognizer(L.LightningModule):
         val_sets: Optional[List[str]] = None,
         folds: int = 10,
         far: float = 1e-3,
+        thresholds: str = "insightface",
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -158,6 +170,8 @@ class FaceRecognizer(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+        if thresholds not in THRESHOLD_PROTOCOLS:
+            raise ValueError(f"thresholds must be one of {THRESHOLD_PROTOCOLS}, got {thresholds!r}")
         backbone = _plain(backbone, "backbone")
         head = _plain(head, "head")
         val_sets = None if val_sets is None else [str(name) for name in val_sets]
@@ -308,7 +322,9 @@ class FaceRecognizer(L.LightningModule):
         for index, name in enumerate(names):
             scores, labels = self._gather_pairs(index)  # every rank, every set: a collective
             try:
-                report = verification_report(scores, labels, folds=self.hparams.folds, far=self.hparams.far)
+                report = verification_report(
+                    scores, labels, folds=self.hparams.folds, far=self.hparams.far, thresholds=self.hparams.thresholds
+                )
             except ValueError as error:
                 raise ValueError(f"verification set {name!r} ({labels.numel()} pairs): {error}") from error
             values = {
@@ -317,6 +333,9 @@ class FaceRecognizer(L.LightningModule):
                 "eer": report["eer"],
                 "eer_threshold": report["eer_threshold"],
                 "tar_at_far": report["tar_at_far"],
+                "kfold_val_at_far": report["kfold_val_at_far"],
+                "kfold_val_std": report["kfold_val_std"],
+                "kfold_far": report["kfold_far"],
                 "pairs": float(labels.numel()),
             }
             for metric, value in values.items():

@@ -47,6 +47,18 @@ class CombinedMarginHead(_CosineHead):
 
     insightface's combined margin: ArcFace is (m1, m2, m3) = (1, 0.5, 0), CosFace (1, 0, 0.35),
     SphereFace-like margins use m1 > 1.
+
+    Two options change the label's logit ``t = cos(theta_y)`` (both off by default: the margin is
+    differentiated like any other function of the cosine):
+
+    - ``fallback`` (needs m1 = 1): where ``t <= cos(pi - m2)``, i.e. ``theta_y >= pi - m2`` so
+      that ``theta_y + m2`` would pass pi and the logit would rise again, the logit is
+      ``t - m2 * sin(pi - m2) - m3`` instead of ``cos(theta_y + m2) - m3``. This is the
+      non-"easy margin" form of the original ArcFace recipe (InsightFace's MXNet code).
+    - ``straight_through``: the logit keeps the margin's value but takes the gradient of
+      ``t`` itself (``t + (value - t).detach()``), as arcface_torch's current ArcFace loss
+      does by applying ``arccos``, ``+ m2`` and ``cos`` under ``torch.no_grad`` (without the
+      fallback).
     """
 
     def __init__(
@@ -59,28 +71,61 @@ class CombinedMarginHead(_CosineHead):
         m2: float = 0.0,
         m3: float = 0.0,
         eps: float = 1e-7,
+        fallback: bool = False,
+        straight_through: bool = False,
     ) -> None:
         super().__init__(embedding_size, num_classes, scale=scale, eps=eps)
+        if fallback and m1 != 1.0:
+            raise ValueError(f"fallback is defined for m1 = 1 (ArcFace, CosFace), got m1={m1}; set fallback=false")
         self.m1, self.m2, self.m3 = m1, m2, m3
+        self.fallback = fallback
+        self.straight_through = straight_through
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cosine, is_target = self.cosine(embeddings, labels)
         with_margin = torch.cos(self.m1 * torch.acos(cosine) + self.m2) - self.m3
+        if self.fallback:
+            past_pi = cosine <= math.cos(math.pi - self.m2)
+            with_margin = torch.where(past_pi, cosine - self.m2 * math.sin(math.pi - self.m2) - self.m3, with_margin)
+        if self.straight_through:
+            with_margin = cosine + (with_margin - cosine).detach()
         return self.scale * torch.where(is_target, with_margin, cosine)
 
     def extra_repr(self) -> str:
-        return f"{self.num_classes} classes x {self.embedding_size}, scale={self.scale}, m=({self.m1}, {self.m2}, {self.m3})"
+        options = "".join(f", {name}=True" for name in ("fallback", "straight_through") if getattr(self, name))
+        return f"{self.num_classes} classes x {self.embedding_size}, scale={self.scale}, m=({self.m1}, {self.m2}, {self.m3}){options}"
 
 
 class ArcFaceHead(CombinedMarginHead):
-    """ArcFace (Deng et al., CVPR 2019): additive angular margin, ``s * cos(theta_y + margin)``."""
+    """ArcFace (Deng et al., CVPR 2019): additive angular margin, ``s * cos(theta_y + margin)``.
 
-    def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0, margin: float = 0.5) -> None:
-        super().__init__(embedding_size, num_classes, scale=scale, m2=margin)
+    By default the margin is differentiated through. The original recipe (InsightFace's MXNet
+    code) also differentiated through it and used the fallback ``cos(theta_y) - margin *
+    sin(pi - margin)`` where ``theta_y >= pi - margin`` (``fallback=True``); arcface_torch's
+    current loss applies the margin straight-through, without the fallback
+    (``straight_through=True``). See :class:`CombinedMarginHead` for both definitions.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        *,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        fallback: bool = False,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__(
+            embedding_size, num_classes, scale=scale, m2=margin, fallback=fallback, straight_through=straight_through
+        )
 
 
 class CosFaceHead(CombinedMarginHead):
-    """CosFace (Wang et al., CVPR 2018): additive cosine margin, ``s * (cos(theta_y) - margin)``."""
+    """CosFace (Wang et al., CVPR 2018): additive cosine margin, ``s * (cos(theta_y) - margin)``.
+
+    The default margin 0.35 is the CosFace paper's; arcface_torch's CosFace configs use 0.4.
+    """
 
     def __init__(self, embedding_size: int, num_classes: int, *, scale: float = 64.0, margin: float = 0.35) -> None:
         super().__init__(embedding_size, num_classes, scale=scale, m3=margin)
@@ -89,11 +134,18 @@ class CosFaceHead(CombinedMarginHead):
 class AdaFaceHead(_CosineHead):
     """AdaFace (Kim et al., CVPR 2022): a margin that adapts to the image quality told by the feature norm.
 
-    With ``n`` the embedding norm (clipped to [0.001, 100], no gradient) and ``mu``, ``sigma`` the
-    running mean and standard deviation of ``n`` (an exponential moving average with weight
-    ``momentum`` on the current batch, started from the first batch), the normalized norm is
-    ``z = clip(h * (n - mu) / (sigma + eps), -1, 1)``; the label's logit becomes
-    ``s * (cos(clip(theta_y - margin * z, 0, pi)) - (margin + margin * z))``.
+    The formulas of the authors' official head:
+
+    - the cosine is clamped to [-1 + eps, 1 - eps] (eps = 1e-3);
+    - ``n``, the embedding norms clipped to [0.001, 100] and detached;
+    - in training, the buffers ``norm_mean`` (starts at 20) and ``norm_std`` (starts at 100)
+      move to ``momentum * batch + (1 - momentum) * buffer`` (t_alpha, 0.01) with the batch's
+      mean and unbiased std (``torch.std``) of ``n``, before they are used (a one-sample batch,
+      which has no unbiased std, leaves ``norm_std`` unchanged);
+    - ``z = clip((n - norm_mean) / (norm_std + eps) * h, -1, 1)``;
+    - for the label y the angle is ``clip(theta_y - margin * z, eps, pi - eps)`` (g_angular =
+      -margin * z) and ``margin + margin * z`` (g_additive) is subtracted from its cosine; the
+      other classes keep ``cos(clip(theta_j, eps, pi - eps))``; all logits are scaled by ``s``.
     """
 
     def __init__(
@@ -107,26 +159,23 @@ class AdaFaceHead(_CosineHead):
         momentum: float = 0.01,
         eps: float = 1e-3,
     ) -> None:
-        super().__init__(embedding_size, num_classes, scale=scale, eps=1e-7)
+        super().__init__(embedding_size, num_classes, scale=scale, eps=eps)
         self.margin = margin
         self.h = h
         self.momentum = momentum
-        self.norm_eps = eps
-        self.register_buffer("norm_mean", torch.zeros(()))
-        self.register_buffer("norm_std", torch.ones(()))
-        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("norm_mean", torch.tensor(20.0))
+        self.register_buffer("norm_std", torch.tensor(100.0))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cosine, is_target = self.cosine(embeddings, labels)
         norms = embeddings.detach().float().norm(dim=1).clamp(0.001, 100)
         if self.training:
             with torch.no_grad():
-                batch_mean, batch_std = norms.mean(), norms.std(correction=0)
-                weight = 1.0 if self.batches_seen == 0 else self.momentum
-                self.norm_mean.lerp_(batch_mean, weight)
-                self.norm_std.lerp_(batch_std, weight)
-                self.batches_seen += 1
-        quality = (self.h * (norms - self.norm_mean) / (self.norm_std + self.norm_eps)).clamp(-1, 1).unsqueeze(1)
-        angle = (torch.acos(cosine) - self.margin * quality).clamp(0, math.pi)
-        with_margin = torch.cos(angle) - (self.margin + self.margin * quality)
-        return self.scale * torch.where(is_target, with_margin, cosine)
+                self.norm_mean.copy_(self.momentum * norms.mean() + (1 - self.momentum) * self.norm_mean)
+                if norms.numel() > 1:
+                    self.norm_std.copy_(self.momentum * norms.std() + (1 - self.momentum) * self.norm_std)
+        quality = ((norms - self.norm_mean) / (self.norm_std + self.eps) * self.h).clamp(-1, 1).unsqueeze(1)
+        angular = torch.where(is_target, -self.margin * quality, torch.zeros_like(cosine))
+        angle = (torch.acos(cosine) + angular).clamp(self.eps, math.pi - self.eps)
+        additive = torch.where(is_target, self.margin + self.margin * quality, torch.zeros_like(cosine))
+        return self.scale * (torch.cos(angle) - additive)

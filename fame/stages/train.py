@@ -35,6 +35,7 @@ MODULE_SCHEMA = {
     "module.lr": Rule(float, minimum=0.0),
     "module.weight_decay": Rule(float, minimum=0.0),
     "module.optimizer": Rule(str, choices=("sgd", "adamw")),
+    "module.thresholds": Rule(str, choices=("insightface", "exact")),
 }
 
 
