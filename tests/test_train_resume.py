@@ -29,7 +29,7 @@ SHAPES_STEPS_PER_EPOCH = 8
 #: Checkpoints every 3 steps instead of every epoch: callbacks are not part of the run folder's
 #: digest, so a run started with them continues the same run.
 MID_EPOCH = ("callbacks.resume.every_n_train_steps=3", "callbacks.resume.every_n_epochs=null")
-FACES = ("experiment=faces", "module.head.name=adaface", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
+FACES = ("experiment=faces", "module/head=adaface", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
          "data.datamodule.verification.synthetic.limit=24", "module.folds=2", "module.embedding_size=32",
          "trainer.max_epochs=2", "callbacks.monitor.num_probes=2", "callbacks.monitor.fame.iterations=2",
          "callbacks.monitor.baseline=null", "callbacks.monitor.log_images=false")
