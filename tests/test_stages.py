@@ -95,6 +95,14 @@ def test_a_finished_run_is_not_resumed_by_another_configuration(trained, capsys)
     assert len(after - before) == 2 and all((run / "FINISHED").exists() for run in after)
 
 
+def test_train_without_a_checkpoint_path_keeps_the_weights_in_the_run_folder(tmp_path):
+    """checkpoint=null (as experiment=imagenet sets it): the run's model.ckpt is the only copy."""
+    train(config("train", tmp_path, *QUICK_TRAIN, "checkpoint=null", "logger.enabled=false"))
+    (run,) = (tmp_path / "shapes" / "train" / "runs").iterdir()
+    assert (run / "model.ckpt").is_file() and (run / "FINISHED").exists()
+    assert sorted(p.name for p in (tmp_path / "shapes" / "train").iterdir()) == ["runs"]
+
+
 def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
     output, _ = trained
     partial = explain(config("explain", output, *QUICK_EXPLAIN, "explainer=[fame]", "experiment=shapes"))

@@ -197,9 +197,10 @@ def train(config: DictConfig) -> Dict[str, float]:
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     trainer.save_checkpoint(run_dir / "model.ckpt", weights_only=True)  # every rank: it may be a collective
     if trainer.is_global_zero:
-        checkpoint = Path(config.checkpoint)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "model.ckpt", checkpoint)
+        if config.checkpoint is not None:  # null (e.g. experiment=imagenet): the run folder's model.ckpt only
+            checkpoint = Path(config.checkpoint)
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / "model.ckpt", checkpoint)
         (run_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics))
         curves = save_monitor_curves(run_dir / "csv" / "metrics.csv", run_dir / "monitor_curves.png")
         if curves is not None:
@@ -207,5 +208,5 @@ def train(config: DictConfig) -> Dict[str, float]:
         (run_dir / FINISHED).write_text("")
     finish_wandb(wandb)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
-    print(f"{summary}; checkpoint written to {config.checkpoint} (run folder {run_dir})")
+    print(f"{summary}; checkpoint written to {config.checkpoint or run_dir / 'model.ckpt'} (run folder {run_dir})")
     return metrics
