@@ -1,4 +1,4 @@
-"""Train the network the speed benchmark measures map agreement on (DESIGN.md section 9).
+"""Train the network the speed benchmark measures map agreement on (README, "Speed").
 
 A torchvision ResNet-18 (6 classes) trained from scratch on the synthetic shapes data at 112 px
 within a time budget; the weights are stored in float16 (about 22 MB) so the checkpoint can be

@@ -1,4 +1,4 @@
-"""A deliberately naive FAME, written from DESIGN.md section 1 one image at a time.
+"""A deliberately naive FAME, written from the FAME paper's update rule, one image at a time.
 
 Plain loops, numpy for the blur, no batching tricks: the engine must agree with it.
 """

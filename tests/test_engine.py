@@ -1,4 +1,4 @@
-"""Behaviour of the FAME engine (DESIGN.md section 1) on tiny networks."""
+"""Behaviour of the FAME engine (the FAME paper) on tiny networks."""
 
 import numpy as np
 import pytest

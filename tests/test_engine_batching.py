@@ -1,4 +1,4 @@
-"""The auto batch size (DESIGN.md section 9) under a simulated memory cap on CPU."""
+"""The auto batch size (README, "Speed") under a simulated memory cap on CPU."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""FAME's precision, memory-format and compile settings (DESIGN.md section 9) on CPU."""
+"""FAME's precision, memory-format and compile settings (README, "Speed") on CPU."""
 
 import copy
 

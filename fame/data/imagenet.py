@@ -1,6 +1,6 @@
 """ImageNet ILSVRC2012 validation images with their class labels and bounding boxes.
 
-Formats (as distributed with the ILSVRC2012 localisation data, DESIGN.md section 4):
+Formats (as distributed with the ILSVRC2012 localisation data, README, "Bring your own data and checkpoints"):
 
 - ``LOC_synset_mapping.txt``: one line per class, ``nXXXXXXXX name, other names``; the label of
   a synset is its 0-based line number.

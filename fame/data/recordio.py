@@ -1,6 +1,6 @@
 """MXNet RecordIO face training sets (``train.rec`` + ``train.idx``), read without mxnet.
 
-Format (dmlc-core RecordIO and MXNet's image record header, DESIGN.md section 4):
+Format (dmlc-core RecordIO and MXNet's image record header, README, "Bring your own data and checkpoints"):
 
 - ``.idx``: text lines ``key<TAB>byte_offset``.
 - ``.rec``: records of uint32 magic ``0xced7230a``, uint32 ``lrec`` (continuation flag in the top

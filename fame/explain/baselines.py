@@ -1,4 +1,4 @@
-"""Baseline attribution maps FAME is compared with (DESIGN.md section 2).
+"""Baseline attribution maps FAME is compared with (README, "Explaining a dataset").
 
 CAM-family methods go through the ``grad-cam`` package (pytorch_grad_cam) with its own
 per-map min-max scaling and resize to the input size; for face models their target is the cosine

@@ -1,4 +1,4 @@
-"""The largest batch of FAME iterations a device holds (DESIGN.md section 9).
+"""The largest batch of FAME iterations a device holds (README, "Speed").
 
 One FAME iteration is a forward pass and a backward pass to the input; its memory grows with the
 batch. ``find_batch_size`` doubles the batch while it fits, then bisects between the last batch

@@ -46,7 +46,7 @@ NORMALIZATIONS = ("minmax", "max", "none")
 
 #: ``FameConfig.epsilon``'s default: the stopping threshold of the task being explained.
 TASK_DEFAULT = "task"
-#: The paper's epsilon per task (DESIGN.md section 1): None runs all T steps.
+#: The paper's epsilon per task (the FAME paper): None runs all T steps.
 TASK_EPSILONS = {"classification": None, "feature_map": None, "verification": 0.01, "custom": None}
 
 

@@ -1,4 +1,4 @@
-"""Arithmetic of a FAME run: which precision the model's forward pass uses (DESIGN.md section 9).
+"""Arithmetic of a FAME run: which precision the model's forward pass uses (README, "Speed").
 
 Only the model runs in low precision. x_t, the input gradient (cast back to float32 by autograd,
 since x_t is float32), the per-sample max normalisation, the step, the perturbation and the map

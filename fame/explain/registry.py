@@ -163,7 +163,7 @@ def reference_embeddings(model: nn.Module, references: Tensor, batch: int) -> Te
 
 @register_method("fame", "classification")
 def fame_classification(model, images, targets, *, ids, loss: str = "logit", **options) -> MethodResult:
-    """FAME (DESIGN.md sec. 1); options are the FameConfig fields and the loss
+    """FAME (the FAME paper); options are the FameConfig fields and the loss
     ("logit", "abs_logit", "log_softmax", "probability", "margin")."""
     maps, stats = explain_classification(model, images, targets, fame_config(options, "classification"), loss=loss,
                                         return_stats=True)
@@ -238,7 +238,7 @@ def rise_classification(
 
 @register_method("fame", "verification")
 def fame_verification(model, images, references, *, ids, **options) -> MethodResult:
-    """FAME e+ / e- (DESIGN.md sec. 1); options are the FameConfig fields (epsilon "task": the paper's 0.01)."""
+    """FAME e+ / e- (the FAME paper); options are the FameConfig fields (epsilon "task": the paper's 0.01)."""
     maps, stats = explain_verification(model, images, references, fame_config(options, "verification"),
                                        return_stats=True)
     return MethodResult(dict(maps), dict(stats))

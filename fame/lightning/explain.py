@@ -141,7 +141,7 @@ class ExplainModule(L.LightningModule):
 
     Each method is computed only for the rows of the batch it still lacks in the store at
     ``store_path`` (read when predicting starts). Methods run outside inference mode with
-    gradients on and on a clone of the batch (DESIGN.md sec. 6), so ``Trainer(inference_mode=True)``,
+    gradients on and on a clone of the batch (README, "In Python"), so ``Trainer(inference_mode=True)``,
     the default, is fine.
     """
 

@@ -1,4 +1,4 @@
-"""Faithfulness of attribution maps by pixel removal: deletion / insertion curves (DESIGN.md sec. 3).
+"""Faithfulness of attribution maps by pixel removal: deletion / insertion curves (README, "Evaluating").
 
 Deletion and insertion (Petsiuk et al., RISE, BMVC 2018): pixels are removed from (deletion) or
 inserted into (insertion) the image in the order of the map, and the target class probability is

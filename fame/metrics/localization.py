@@ -1,4 +1,4 @@
-"""Ground-truth localisation scores of attribution maps against evidence masks (DESIGN.md sec. 3).
+"""Ground-truth localisation scores of attribution maps against evidence masks (README, "Evaluating").
 
 All functions take maps (B, 1, H, W) or (B, H, W) and binary masks of the same spatial size and
 return one score per sample as a tensor on the maps' device.

@@ -1,6 +1,6 @@
 """Face-recognition models behind one interface: [0, 1] RGB crops in, embeddings out.
 
-Every checkpoint format has its own channel order and normalization (DESIGN.md section 4);
+Every checkpoint format has its own channel order and normalization (README, "Bring your own data and checkpoints");
 :class:`FaceEmbedder` records both and applies them, so no caller handles either.
 """
 

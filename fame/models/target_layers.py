@@ -1,7 +1,7 @@
 """The layer that Grad-CAM-style baselines and FAME's feature-map loss look at, per architecture family.
 
-The choice is the last layer whose output still has spatial meaning, (B, C, H, W): DESIGN.md
-section 2 fixes ResNet ``layer4[-1]``, VGG ``features[-2]``, ConvNeXt ``features[-1][-1]`` and
+The choice is the last layer whose output still has spatial meaning, (B, C, H, W): the FAME
+paper's comparison uses ResNet ``layer4[-1]``, VGG ``features[-2]``, ConvNeXt ``features[-1][-1]`` and
 IResNet the last block of the body.
 """
 
