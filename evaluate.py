@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fame.stages import evaluate
-from fame.stages.common import check_group_choices, one_line_errors
+from fame.entry import check_group_choices, one_line_errors
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fame.stages import explain
-from fame.stages.common import check_group_choices, one_line_errors
+from fame.entry import check_group_choices, one_line_errors
+from fame.stages import explain, featuremap
 from fame.stages.sweeps import prepare_sweep_job
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -21,7 +21,10 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 def main(config: DictConfig) -> None:
     with one_line_errors("explain.py", config):  # bad input: one line on stderr, exit 2, no traceback
         prepare_sweep_job(config)
-        explain(config)
+        if config.get("featuremap"):  # experiment=featuremap: the Sec. 4.1 experiment instead of a map store
+            featuremap(config)
+        else:
+            explain(config)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from PIL import Image
 from fame.config import ConfigError
 from fame.data.images import CorruptSampleError
 from fame.stages import explain, train
-from fame.stages.common import check_group_choices, error_line
+from fame.entry import check_group_choices, error_line
 from fame.stages.train import RESUME_KEYS, check_resume_checkpoint
 from fame.store import MapStore, StoreMismatch
 

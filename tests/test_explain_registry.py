@@ -198,6 +198,7 @@ def test_every_method_has_a_config_file_with_its_options(task):
     for name in method_names(task):
         config = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"))
         assert config.pop("name") == name
+        assert config.pop("_target_") == "fame.tasks.explainer"
         known = [f.name for f in fields(FameConfig)] + ["loss"] if name == "fame" else get_method(name, task).options
         assert set(config) <= set(known), (name, sorted(set(config) - set(known)))
         if name != "fame":

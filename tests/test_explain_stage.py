@@ -11,7 +11,8 @@ from torch import nn
 from fame.explain import batching
 from fame.explain.registry import MethodResult
 from fame.stages import explain
-from fame.stages.explain import auto_batch_size, classification_compute, method_identity
+from fame.stages.explain import auto_batch_size, method_identity
+from fame.tasks import task_of
 
 from nets import CappedMemory, TinyEmbedder
 
@@ -49,7 +50,7 @@ def test_the_predicted_target_does_not_depend_on_the_trainers_precision():
         explained.append(targets.tolist())
         return MethodResult({"": torch.zeros(len(images), 1, 8, 8)}, {})
 
-    compute = classification_compute(method, {}, "prediction", "pixels")
+    compute = task_of("classification").batch_method(method, "prediction", "pixels")
 
     class Explainer(L.LightningModule):
         def __init__(self):

@@ -22,7 +22,7 @@ from fame.lightning import FaceRecognizer, ImageClassifier, load_face_recognizer
 from fame.lightning.classifier import load_classifier
 from fame.stages import evaluate, explain, train
 from fame.stages.evaluate import store_config
-from fame.stages.explain import explained_model
+from fame.pipeline import explained_model
 from fame.store import MapStore
 
 ROOT = Path(__file__).resolve().parents[1]

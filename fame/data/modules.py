@@ -94,6 +94,21 @@ class ResumableLoader(DataLoader):
         self.resume_after = batches
 
 
+def split_dataset(datamodule, split: str) -> Dataset:
+    """The dataset of one split (train, val, test) of a datamodule, after ``setup``."""
+    datasets = getattr(datamodule, "datasets", None)
+    if isinstance(datasets, dict):  # ClassificationDataModule
+        if datasets.get(split) is None:
+            known = [name for name, value in datasets.items() if value is not None]
+            raise ValueError(f"the data config has no {split!r} split; it has {known}: set split= to one of them")
+        return datasets[split]
+    datamodule.setup("predict")
+    pairs = getattr(datamodule, "pair_set", None)  # VerificationDataModule
+    if pairs is not None:
+        return pairs
+    raise ValueError(f"{type(datamodule).__name__} has no dataset for split {split!r}")
+
+
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, trainer: Optional[L.Trainer] = None,
                      **loader_arguments: Any) -> ResumableLoader:
     """A shuffled :class:`ResumableLoader` of ``dataset`` sharded over the ``trainer``'s ranks

@@ -6,13 +6,23 @@
 ``references`` are the other images of the pairs, one per image; their embeddings are computed
 once and frozen, so a verification map explains ``images`` only (swap the roles for the other
 side). ``ids`` are the samples' stable ids (seeds of the random floor). ``options`` are the keys
-of the method's config file ``configs/explainer/<name>.yaml`` besides ``name``.
+of the method's config file ``configs/explainer/<name>.yaml`` besides ``_target_`` and ``name``.
 
-A new method plugs in with one function and one config file::
+A config file builds its method through :func:`fame.tasks.explainer` (its ``_target_``), which the
+explain stage calls with the task. A new method plugs in with one function and one config file::
+
+    # my_pkg/methods.py
+    from fame.explain.registry import MethodResult, register_method
+    from fame.tasks import explainer
 
     @register_method("my_method", "classification")
     def my_method(model, images, targets, *, ids, strength=1.0):
         return MethodResult({"": maps})
+
+    # configs/explainer/my_method.yaml (# @package explainer.my_method)
+    _target_: my_pkg.methods.explainer   # building it imports my_pkg.methods, which registers my_method
+    name: my_method
+    strength: 1.0
 """
 
 from __future__ import annotations
@@ -32,11 +42,9 @@ from .engine import FameConfig, FameStats, check_images
 from .fame import embed, explain_classification, explain_verification
 from .fggb import DEFAULT_THRESHOLD, fggb_maps
 from .guard import explaining
-from .objectives import resolve_layer
+from .objectives import VERIFICATION_MODES, resolve_layer
 from .rise import rise_maps
 
-TASKS = ("classification", "verification")
-VERIFICATION_OUTPUTS = ("similar", "dissimilar")
 #: Rounding slack above 1 for maps normalized in float32.
 MAP_TOLERANCE = 1e-5
 
@@ -55,8 +63,10 @@ _METHODS: Dict[Tuple[str, str], Callable[..., MethodResult]] = {}
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(map(repr, TASKS))}")
+    """ValueError for a task no method is registered for."""
+    known = sorted(dict.fromkeys(method_task for _, method_task in _METHODS))
+    if task not in known:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(map(repr, known))}")
 
 
 def _option_names(fn: Callable) -> List[str]:
@@ -71,18 +81,21 @@ def _checked(name: str, task: str, fn: Callable[..., MethodResult]) -> Callable[
     takes_any_option = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     known = _option_names(fn)
 
-    @wraps(fn)
-    def method(model: nn.Module, images: Tensor, other, *, ids: Sequence[str], **options) -> MethodResult:
-        check_images(images)
-        ids = [str(sample_id) for sample_id in ids]
-        if len(ids) != images.shape[0]:
-            raise ValueError(f"{name}: ids must hold one sample id per image ({images.shape[0]}), got {len(ids)}")
+    def check_options(options: Dict[str, object]) -> None:
         unknown = sorted(set(options) - set(known))
         if unknown and not takes_any_option:
             raise ValueError(
                 f"{name} ({task}) has no option {', '.join(map(repr, unknown))}; its options are "
                 f"{', '.join(known) or 'none'} (configs/explainer/{name}.yaml)"
             )
+
+    @wraps(fn)
+    def method(model: nn.Module, images: Tensor, other, *, ids: Sequence[str], **options) -> MethodResult:
+        check_images(images)
+        ids = [str(sample_id) for sample_id in ids]
+        if len(ids) != images.shape[0]:
+            raise ValueError(f"{name}: ids must hold one sample id per image ({images.shape[0]}), got {len(ids)}")
+        check_options(options)
         result = fn(model, images, other, ids=ids, **options)
         expected = (images.shape[0], 1, *images.shape[-2:])
         for key, maps in result.maps.items():
@@ -101,12 +114,15 @@ def _checked(name: str, task: str, fn: Callable[..., MethodResult]) -> Callable[
         return result
 
     method.options = known
+    method.check_options = check_options
     return method
 
 
 def register_method(name: str, task: str) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
-    """Decorator registering ``fn(model, images, targets_or_references, *, ids, **options)`` as ``name`` for ``task``."""
-    _check_task(task)
+    """Decorator registering ``fn(model, images, targets_or_references, *, ids, **options)`` as ``name`` for
+    ``task`` (a name of :func:`fame.tasks.task_names`, or of a task of your own)."""
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"register_method needs a task name, got {task!r}")
 
     def decorator(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
         if (name, task) in _METHODS:
@@ -136,7 +152,8 @@ def fame_config(options: dict, task: str) -> FameConfig:
     names = [f.name for f in fields(FameConfig)]
     unknown = sorted(set(options) - set(names))
     if unknown:
-        known = (["loss"] if task == "classification" else []) + names
+        registered = _METHODS.get(("fame", task))
+        known = (registered.options if registered is not None else []) + names
         raise ValueError(f"fame ({task}) has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}")
     return FameConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
 
@@ -270,39 +287,36 @@ def fggb_verification(
 # --- floors (both tasks) ----------------------------------------------------------------------
 
 
-def _floor_result(task: str, make: Callable[[str], Tensor]) -> MethodResult:
-    if task == "classification":
-        return MethodResult({"": make("")})
-    return MethodResult({output: make(output) for output in VERIFICATION_OUTPUTS})
+def _register_floors(task: str, outputs: Sequence[str]) -> None:
+    """The floors of ``task``, one map per output ("" for a single map, e+ / e- for pairs)."""
 
+    def _floor_result(make: Callable[[str], Tensor]) -> MethodResult:
+        return MethodResult({output: make(output) for output in outputs})
 
-def _register_floors(task: str) -> None:
     @register_method("random", task)
     def random_floor(model, images, other, *, ids, seed: int = 0) -> MethodResult:
         """Uniform noise seeded per sample id (and per output for verification)."""
-        return _floor_result(task, lambda output: random_maps(
+        return _floor_result(lambda output: random_maps(
             images, [f"{sample_id}/{output}" if output else sample_id for sample_id in ids], seed))
 
     @register_method("centre", task)
     def centre_floor(model, images, other, *, ids, sigma_fraction: float = 0.25) -> MethodResult:
         """A Gaussian bump at the centre; the same map for both verification outputs."""
         maps = centre_gaussian_maps(images, sigma_fraction)
-        return _floor_result(task, lambda output: maps)
+        return _floor_result(lambda output: maps)
 
     @register_method("sobel", task)
     def sobel_floor(model, images, other, *, ids) -> MethodResult:
         """Sobel edge magnitude of the luma; the same map for both verification outputs."""
         maps = sobel_maps(images)
-        return _floor_result(task, lambda output: maps)
+        return _floor_result(lambda output: maps)
 
 
-for _task in TASKS:
-    _register_floors(_task)
+_register_floors("classification", ("",))
+_register_floors("verification", VERIFICATION_MODES)
 
 
 __all__ = [
-    "TASKS",
-    "VERIFICATION_OUTPUTS",
     "MAP_TOLERANCE",
     "MethodResult",
     "fame_config",

@@ -54,16 +54,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from ..data.face_modules import as_image_tensor
-from ..explain.registry import get_method, method_names
+from ..data.face_modules import spread_indices
 from ..explain.guard import explaining
-from ..metrics.faithfulness import curve_auc, deletion_curve, remove_top_pixels
 from ..metrics.localization import pointing_game, relevance_mass_accuracy
+from ..tasks import Task, sample_task, task_names, task_of
 from ..viz import save_overlay_grid
 
 #: FAME settings of the monitor (FameConfig fields): 30 steps of 1/255 and the blur of the 64 px
@@ -72,7 +70,6 @@ MONITOR_FAME = {"iterations": 30, "step_size": 1.0 / 255.0, "blur_kernel": 15, "
 #: Item key of an evidence mask -> the name it has in the logged scalars.
 MASK_NAMES = {"mask": "object", "watermark_mask": "watermark", "probe_mask": "identity"}
 DELETION_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
-TASK_OUTPUT = {"classification": "", "verification": "similar"}
 TARGETS = ("prediction", "label")
 
 
@@ -104,33 +101,12 @@ def preserved_random_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def spread_positions(length: int, count: int) -> List[int]:
-    """``count`` indices spread evenly over ``range(length)`` (protocol files list genuine and
-    impostor pairs in blocks, so the first ones could all be of one kind)."""
-    if count >= length:
-        return list(range(length))
-    return np.linspace(0, length - 1, count).round().astype(int).tolist()
-
-
 def rank_correlation(current: np.ndarray, previous: np.ndarray) -> float:
     """Spearman's rho of two maps' pixels (ties get average ranks); NaN when either map is constant."""
     current, previous = current.astype(np.float64).ravel(), previous.astype(np.float64).ravel()
     if np.ptp(current) == 0 or np.ptp(previous) == 0:
         return math.nan
     return float(spearmanr(current, previous).statistic)
-
-
-def explained_model(pl_module: L.LightningModule, task: str) -> nn.Module:
-    """The network a module trains: ``.model`` of a classifier, ``.embedder`` of a face model."""
-    attribute = "model" if task == "classification" else "embedder"
-    network = getattr(pl_module, attribute, None)
-    if not isinstance(network, nn.Module):
-        raise AttributeError(
-            f"ExplanationMonitor explains {task} through {type(pl_module).__name__}.{attribute}, which is "
-            f"{'missing' if network is None else type(network).__name__}; give the LightningModule a "
-            f"`{attribute}` attribute holding the network ({'logits' if task == 'classification' else 'embeddings'} out)"
-        )
-    return network
 
 
 def first_validation_dataset(trainer: L.Trainer):
@@ -216,13 +192,13 @@ class ExplanationMonitor(L.Callback):
         self.removal_fraction = float(removal_fraction)
         self.dirpath = dirpath
         self.log_images = log_images
-        known = set(method_names("classification")) | set(method_names("verification"))
+        known = {name for task in task_names() for name in task_of(task).method_names()}
         if baseline is not None and baseline not in known:
             raise ValueError(f"unknown baseline {baseline!r}; registered methods: {', '.join(sorted(known))}")
         self.history: List[Dict[str, Any]] = []
         self.previous_maps: Dict[str, Dict[str, Tensor]] = {}
         self._probes: Optional[List[Probe]] = None
-        self._task: Optional[str] = None
+        self._task: Optional[Task] = None
         self._train_epoch = 0
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -304,7 +280,7 @@ class ExplanationMonitor(L.Callback):
         if self._probes is None:
             dataset = first_validation_dataset(trainer)
             if self.probe_ids is None:
-                positions = spread_positions(len(dataset), self.num_probes)
+                positions = spread_indices(len(dataset), self.num_probes)
             else:
                 positions = self.find_ids(dataset, self.probe_ids)
             self._probes = [self.read_probe(dataset[position], position) for position in positions]
@@ -327,51 +303,32 @@ class ExplanationMonitor(L.Callback):
     def read_probe(self, item: Mapping[str, Any], position: int) -> Probe:
         masks = {name: torch.as_tensor(item[key]).float() for key, name in self.mask_keys.items() if key in item}
         sample_id = str(item.get("id", position))
-        if "gallery" in item and "probe" in item:
-            task = "verification"
-            probe = Probe(sample_id, as_image_tensor(item["probe"], f"pair {sample_id}"),
-                          reference=as_image_tensor(item["gallery"], f"pair {sample_id}"),
-                          same=bool(item["same"]), masks=masks)
-        elif "image" in item and "label" in item:
-            task = "classification"
-            probe = Probe(sample_id, torch.as_tensor(item["image"]).float(), label=int(item["label"]), masks=masks)
-        else:
-            raise KeyError(
-                f"ExplanationMonitor: validation sample {sample_id} has keys {sorted(item)}; expected image and label "
-                "(classification) or gallery, probe and same (verification)"
-            )
-        if self._task not in (None, task):
-            raise ValueError(f"ExplanationMonitor: the validation samples mix {self._task} and {task} items")
+        task = sample_task(item, f"ExplanationMonitor: validation sample {sample_id}")
+        if self._task is not None and self._task is not task:
+            raise ValueError(f"ExplanationMonitor: the validation samples mix {self._task.name} and {task.name} items")
         self._task = task
-        return probe
+        return Probe(sample_id, masks=masks, **task.probe_fields(item, sample_id))
 
     def explain(self, pl_module: L.LightningModule, probes: List[Probe]) -> List[Dict[str, Any]]:
         """Maps and per-probe scores of this rank's ``probes`` (plain numbers and arrays, for gathering)."""
         task = self._task
-        model = explained_model(pl_module, task)
+        model = task.network(pl_module)
         device = pl_module.device
         images = torch.stack([probe.image for probe in probes]).to(device)
         ids = [probe.id for probe in probes]
-        if task == "classification":
-            labels = torch.tensor([probe.label for probe in probes], device=device)
-            with explaining(model):
-                predictions = model(images).argmax(dim=1)
-            other = predictions if self.target == "prediction" else labels
-        else:
-            other = torch.stack([probe.reference for probe in probes]).to(device)
+        other, shown = task.monitor_inputs(model, probes, self.target, device)
         results: List[Dict[str, Any]] = [
             {"id": probe.id, "maps": {}, "scores": {}} for probe in probes
         ]
         for method in self.methods:
-            options = dict(self.fame_options, **({"loss": self.loss} if task == "classification" else {})) if method == "fame" else {}
-            maps = get_method(method, task)(model, images, other, ids=ids, **options).maps[TASK_OUTPUT[task]].float()
+            options = task.monitor_options(self.fame_options, self.loss) if method == "fame" else {}
+            maps = task.method(method)(model, images, other, ids=ids, **options).maps[task.monitored_output].float()
             scores = self.score(model, images, other, maps, probes)
             for k, result in enumerate(results):
                 result["maps"][method] = maps[k, 0].cpu().numpy().astype(np.float16)
                 result["scores"].update({f"monitor/{method}/{name}": float(values[k]) for name, values in scores.items()})
-        if task == "classification":
-            for result, label, prediction in zip(results, labels.tolist(), predictions.tolist()):
-                result.update(label=label, prediction=prediction)
+        for result, values in zip(results, shown):
+            result.update(values)
         return results
 
     def score(self, model: nn.Module, images: Tensor, other: Tensor, maps: Tensor, probes: List[Probe]) -> Dict[str, Tensor]:
@@ -385,15 +342,8 @@ class ExplanationMonitor(L.Callback):
                 values[present] = function(maps[present], masks).float().cpu()
                 scores[f"{metric}/{name}"] = values
         with explaining(model), torch.no_grad():
-            if self._task == "classification":
-                curve = deletion_curve(model, images, maps, other, self.deletion_fractions, mode="deletion")
-                scores["deletion_auc"] = curve_auc(curve, self.deletion_fractions).cpu()
-            else:
-                removed = remove_top_pixels(images, maps, self.removal_fraction)
-                gallery = F.normalize(model(other), dim=1)
-                before = (F.normalize(model(images), dim=1) * gallery).sum(dim=1)
-                after = (F.normalize(model(removed), dim=1) * gallery).sum(dim=1)
-                scores["similarity_drop"] = (before - after).cpu()
+            scores.update(self._task.monitor_scores(model, images, other, maps, self.deletion_fractions,
+                                                    self.removal_fraction))
         return scores
 
     def gather(self, trainer: L.Trainer, local: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -428,12 +378,7 @@ class ExplanationMonitor(L.Callback):
 
     def save_grid(self, path: Path, probes: List[Probe], results: List[Dict[str, Any]]) -> Path:
         """probes x [image with its evidence masks outlined, one overlay per method]."""
-        titles = []
-        for probe, result in zip(probes, results):
-            if self._task == "classification":
-                titles.append(f"{probe.id}\nlabel {result['label']} pred {result['prediction']}")
-            else:
-                titles.append(f"{probe.id}\n{'same' if probe.same else 'different'}")
+        titles = [self._task.probe_title(probe, result) for probe, result in zip(probes, results)]
         outlines = [
             torch.stack(list(probe.masks.values())).amax(dim=0) if probe.masks else None for probe in probes
         ]

@@ -1,4 +1,4 @@
-"""The stages behind train.py, explain.py and evaluate.py, each a function of a composed config.
+"""The stages behind train.py, explain.py (and its feature-map experiment) and evaluate.py, each a function of a composed config.
 
 config -> data -> model -> explainer -> map store -> metrics -> report. The entry points, the
 tests and the notebooks call these same functions.
@@ -6,6 +6,7 @@ tests and the notebooks call these same functions.
 
 from .evaluate import evaluate
 from .explain import explain
+from .featuremap import featuremap
 from .train import train
 
-__all__ = ["evaluate", "explain", "train"]
+__all__ = ["evaluate", "explain", "featuremap", "train"]

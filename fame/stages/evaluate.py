@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -18,29 +17,25 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, plain, trusted_file, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
-from ..metrics.faithfulness import SUBSTRATES, curve_auc, deletion_curve, rise_fractions, verification_curve
-from ..metrics.localization import LOCALIZATION_METRICS, boxes_to_masks
-from ..metrics.road import road_curve
+from ..metrics.faithfulness import SUBSTRATES
+from ..metrics.localization import LOCALIZATION_METRICS
+from ..metrics.scoring import ROAD_IMPUTATIONS, ROAD_ORDERS, Scoring
+from ..pipeline import device_of, explained_dataset, explained_model, sanity_options, sanity_records
 from ..provenance import checkpoint_digest
 from ..store import DamagedMaps, MapStore
+from ..tasks import task_of
 from ..viz import save_overlay_grid
-from .common import device_of
-from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
-from .sanity import plot_sanity, sanity_options, sanity_records
+from .sanity import plot_sanity
 
-ROAD_ORDERS = {"morf": True, "lerf": False}
-ROAD_IMPUTATIONS = ("zero", "linear")
 FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
 SPLITS = ("train", "val", "test")
-#: Metric-name suffix of each deletion / insertion protocol: "deletion" (ours), "deletion_rise" (RISE's).
-DELETION_SUFFIXES = {"fame": "", "rise": "_rise"}
 
 EVALUATE_SCHEMA = {
     "seed": Rule(int, minimum=0),
@@ -140,82 +135,15 @@ def check_checkpoint(config: DictConfig, store: MapStore, entries: Sequence[str]
                 f"(sha256 {digest[:12]} vs {recorded[:12]}); pass that checkpoint, or re-explain with this one")
 
 
-def _rows(method: str, metric: str, levels: Sequence[Any], values: Tensor, ids: Sequence[str]) -> List[Dict[str, Any]]:
-    """Long-table rows of per-sample values (B,) or curves (B, L) at ``levels``."""
-    values = values.detach().double().cpu()
-    if values.dim() == 1:
-        values = values.unsqueeze(1)
-        levels = [np.nan]
-    return [{"method": method, "metric": metric, "level": float(level), "value": float(values[b, k]), "sample_id": sid}
-            for b, sid in enumerate(ids) for k, level in enumerate(levels)]
-
-
-def localization_rows(config: DictConfig, entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequence[str],
-                      side: Optional[str]) -> List[Dict[str, Any]]:
-    rows: List[Dict[str, Any]] = []
-    keys = list(config.data.get("mask_keys") or [])
-    for position, key in enumerate(keys):
-        batch_key = f"{side}_{key}" if side and f"{side}_{key}" in batch else key
-        if key == "box_mask" and "boxes" in batch:  # ImageNet boxes, already mapped through resize/crop
-            masks = boxes_to_masks(batch["boxes"], tuple(maps.shape[-2:])).to(maps.device)
-        elif batch_key in batch:
-            masks = batch[batch_key].to(maps.device)
-        else:
-            continue
-        suffix = "" if position == 0 else f"@{key}"
-        for name in config.localization.metrics:
-            rows += _rows(entry, f"{name}{suffix}", [], LOCALIZATION_METRICS[name](maps, masks), ids)
-    return rows
-
-
-def sample_seeds(seed: int, ids: Sequence[str]) -> Tensor:
-    """One noise seed per sample from the run's seed and the sample id (CRC-32): a sample's ROAD noise
-    is the same whatever batch, batch size, device or store it is scored in."""
-    return torch.tensor([zlib.crc32(f"{seed}/{sample_id}".encode()) for sample_id in ids], dtype=torch.long)
-
-
-def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                        targets: Tensor, ids: Sequence[str]) -> List[Dict[str, Any]]:
-    images = batch["image"]
-    rows: List[Dict[str, Any]] = []
-    if "road" in config.families:
-        percentages = list(config.road.percentages)
-        for order in config.road.orders:
-            for imputation in config.road.imputations:
-                curves = road_curve(model, images, maps, targets, percentages, ROAD_ORDERS[order], imputation,
-                                    batch_size=config.batch_size, noise_seeds=sample_seeds(config.seed, ids))
-                name = f"road_{order}_{imputation}"
-                rows += _rows(entry, f"{name}_logit_drop", percentages, curves.logit_drop, ids)
-                rows += _rows(entry, f"{name}_probability", percentages, curves.probability, ids)
-                rows += _rows(entry, f"{name}_accuracy", percentages, curves.correct, ids)
-    if "deletion" in config.families:
-        protocol = deletion_protocol(config)
-        fractions = list(config.deletion.fractions) if protocol == "fame" else list(rise_fractions(*images.shape[-2:]))
-        mean = getattr(model, "mean", None)  # the colour the model's input normalization maps to 0
-        for mode in ("deletion", "insertion"):
-            curve = deletion_curve(model, images, maps, targets, fractions, mode, batch_size=config.batch_size,
-                                   substrate=protocol, mean=mean if isinstance(mean, Tensor) else None)
-            name = mode + DELETION_SUFFIXES[protocol]
-            rows += _rows(entry, name, fractions, curve, ids)
-            rows += _rows(entry, f"{name}_auc", [], curve_auc(curve, fractions), ids)
-    return rows
-
-
-def verification_rows(config: DictConfig, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                      threshold: float, ids: Sequence[str]) -> List[Dict[str, Any]]:
-    """Tab. 2: only the probe is perturbed, its top P% e+ pixels removed (deletion) or kept (insertion);
-    per pair: correct at the fixed EER threshold. The AUC of the accuracy curve is the mean of the
-    per-pair AUCs (the trapezoid rule is linear), so per-pair rows bootstrap correctly."""
-    percentages = list(config.verification.percentages)
-    same = torch.as_tensor(batch["same"], device=maps.device)
-    rows: List[Dict[str, Any]] = []
-    for mode in ("deletion", "insertion"):
-        curve = verification_curve(model, batch["gallery"], batch["probe"], same, maps, threshold, percentages,
-                                   mode, batch_size=config.batch_size)
-        rows += _rows(entry, f"verification_{mode}", percentages, curve.correct, ids)
-        auc = 100 * curve_auc(curve.correct, [p / 100 for p in percentages])
-        rows += _rows(entry, f"verification_{mode}_auc", [], auc, ids)
-    return rows
+def scoring_of(config: DictConfig) -> Scoring:
+    """The score settings of the evaluate config as plain values."""
+    return Scoring(families=tuple(config.families), localization_metrics=tuple(config.localization.metrics),
+                   mask_keys=tuple(config.data.get("mask_keys") or []),
+                   road_percentages=tuple(config.road.percentages), road_orders=tuple(config.road.orders),
+                   road_imputations=tuple(config.road.imputations), deletion_protocol=deletion_protocol(config),
+                   deletion_fractions=tuple(config.deletion.fractions),
+                   verification_percentages=tuple(config.verification.percentages),
+                   batch_size=config.batch_size, seed=config.seed)
 
 
 def select_samples(value: Any, keep: List[int], size: int) -> Any:
@@ -227,25 +155,10 @@ def select_samples(value: Any, keep: List[int], size: int) -> Any:
     return value
 
 
-class BatchTargets:
-    """The class each entry's maps explain, per sample of a batch: the labels, or the model's
-    predictions for maps made with ``target=prediction`` (computed once per batch)."""
-
-    def __init__(self, model: nn.Module, batch: Dict[str, Any]):
-        self.model, self.batch, self.predictions = model, batch, None
-
-    def __call__(self, target: str) -> Tensor:
-        if target != "prediction":
-            return torch.as_tensor(self.batch["label"], device=self.batch["image"].device)
-        if self.predictions is None:
-            self.predictions = predicted_classes(self.model, self.batch["image"])
-        return self.predictions
-
-
 def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     """The long table of every score of every complete entry of the store, and what was left out."""
     config = store_config(config, store)
-    task = store.meta["task"]
+    task = task_of(store.meta["task"])
     entries, missing, rows = complete_entries(store, config.methods)
     if not entries:
         raise ConfigError(f"the store {store.path} has no complete maps to evaluate (methods {store.methods})")
@@ -267,18 +180,20 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     loader = DataLoader(Subset(Indexed(dataset), rows.tolist()), batch_size=config.batch_size,
                         collate_fn=collate_items, shuffle=False)
     threshold = None
-    if task == "verification":
-        threshold, eer = pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
+    pair = task.pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
+    if pair is not None:
+        threshold, eer = pair
         print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
+    scoring = scoring_of(config)
     records: List[Dict[str, Any]] = []
     sanity_layers: List[str] = []
-    if task == "classification" and "sanity" in config.families:  # first: its layer names are checked here
+    if "sanity" in task.families and "sanity" in config.families:  # first: its layer names are checked here
         scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
         records, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
     for batch in tqdm(loader, desc="evaluate", unit="batch"):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         ids = [str(i) for i in batch["id"]]
-        targets_of = BatchTargets(model, batch) if task == "classification" else None
+        targets_of = task.batch_targets(model, batch)
         for entry in entries:
             keep = [k for k, sid in enumerate(ids) if sid not in set(left_out)]
             if not keep:
@@ -289,20 +204,16 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             except DamagedMaps as error:  # one line naming the rows and ids: explain.py recomputes them
                 raise ConfigError(str(error)) from None
             part = {k: select_samples(v, keep, len(ids)) for k, v in batch.items()}
-            side = entry.split("/")[-1].split(".")[0] if task == "verification" else None
-            if "localization" in config.families:
-                records += localization_rows(config, entry, maps, part, kept_ids, side)
-            if task == "classification":
-                targets = targets_of(store.method_settings(entry).get("target", "label"))
-                records += classification_rows(config, model, entry, maps, part, targets[keep], kept_ids)
-            elif "verification" in config.families and entry.endswith("probe.similar"):
-                records += verification_rows(config, model, entry, maps, part, threshold, kept_ids)
+            records += scoring.localization_rows(entry, maps, part, kept_ids, task.mask_side(entry))
+            targets = targets_of(store.method_settings(entry).get("target", "label"))
+            records += task.score_rows(scoring, model, entry, maps, part, None if targets is None else targets[keep],
+                                       threshold, kept_ids)
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out:
         print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
               f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
     context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
-               "task": task, "threshold": threshold, "dataset": dataset, "rows": rows, "sanity_layers": sanity_layers}
+               "task": task.name, "threshold": threshold, "dataset": dataset, "rows": rows, "sanity_layers": sanity_layers}
     return frame, context
 
 
@@ -341,14 +252,13 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
     count = min(config.grid_rows, len(context["rows"]))
     if count == 0:
         return None
-    dataset, rows = context["dataset"], context["rows"][:count]
+    dataset, rows, task = context["dataset"], context["rows"][:count], task_of(context["task"])
     items = [dataset[int(r)] for r in rows]
     ids = [str(item["id"]) for item in items]
-    key = "image" if context["task"] == "classification" else "probe"
-    shown = [e for e in context["entries"] if context["task"] == "classification" or e.split("/")[-1].startswith("probe.")]
+    shown = task.shown_entries(context["entries"])
     mask_keys = list(store_config(config, store).data.get("mask_keys") or [])
-    mask_key = next((k for k in (f"probe_{m}" if key == "probe" else m for m in mask_keys) if k in items[0]), None)
-    return save_overlay_grid([item[key] for item in items], {e: torch.from_numpy(store.read(e, ids)) for e in shown},
+    mask_key = next((k for k in (task.sample_mask_key(m) for m in mask_keys) if k in items[0]), None)
+    return save_overlay_grid([item[task.image_key] for item in items], {e: torch.from_numpy(store.read(e, ids)) for e in shown},
                              path, row_titles=ids, masks=[item[mask_key] for item in items] if mask_key else None)
 
 

@@ -15,24 +15,20 @@ from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, Rule, check_fame_options, config_targets, instantiate, plain, trusted_file, validate
-from ..data.modules import collate_items, limited
+from ..config import ConfigError, Rule, check_fame_options, plain, validate
+from ..data.modules import collate_items
 from ..explain import FameConfig
 from ..explain.fggb import GRADIENT_OF
-from ..explain.objectives import VERIFICATION_MODES
-from ..explain.registry import MethodResult, get_method, method_names
-from ..lightning.checkpoints import load_module_checkpoint
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
+from ..pipeline import BUILD_KEYS, explained_dataset, explained_model, method_options, selected_methods
 from ..provenance import checkpoint_digest, environment
 from ..store import MapStore, StoreBusy, StoreClaim
-from .common import TASKS, build_datamodule, split_dataset
+from ..tasks import INPUT_SPACES, task_names, task_of
 
-SIDES = ("probe", "gallery")
 #: Loader settings that do not change any map: left out of the store's identity.
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
 #: FAME's speed settings: in the store's identity only when they differ from the engine's defaults,
@@ -45,53 +41,44 @@ EXPLAIN_SCHEMA = {
     "split": Rule(str, choices=("train", "val", "test")),
     "target": Rule(str, choices=("label", "prediction"), help="the class a classification map explains"),
     "new_group": Rule(bool),
-    "input_space": Rule(str, choices=("pixels", "normalized"), help="normalized needs a model with normalize/net"),
-    "data.task": Rule(str, choices=TASKS),
+    "input_space": Rule(str, choices=INPUT_SPACES, help="normalized needs a model with normalize/net"),
+    "data.task": Rule(str, choices=tuple(task_names())),
 }
 
 
-def selected_methods(config: DictConfig) -> Dict[str, Any]:
-    """The methods to run: the ``explainer`` entries with a ``name`` (their config file was selected).
-
-    Experiment files may tune a method that is not selected (e.g. FAME's blur for 64 px images);
-    such a fragment has no ``name`` and does not add the method.
-    """
-    return {key: options for key, options in (config.get("explainer") or {}).items()
-            if options is not None and "name" in options}
-
-
 def check_explain_config(config: DictConfig) -> None:
-    """Validate the explain config, every method name and every FAME option before building anything."""
+    """Validate the explain config, every method name and option and every FAME option before building anything."""
     validate(config, EXPLAIN_SCHEMA)
-    task = config.data.task
+    task = task_of(config.data.task)
+    known = task.method_names()
     if not selected_methods(config):
-        raise ConfigError(f"no explainer selected; choose some of {method_names(task)}, e.g. explainer=[fame,gradcam]")
+        raise ConfigError(f"no explainer selected; choose some of {known}, e.g. explainer=[fame,gradcam]")
     for name, options in selected_methods(config).items():
         method = options["name"]
-        if method not in method_names(task):
-            raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
+        if method not in known:
+            raise ConfigError(f"explainer.{name}: unknown {task.name} method {method!r}; known: {', '.join(known)}")
+        if "_target_" not in options:
+            raise ConfigError(f"explainer.{name} has no _target_; a method's config file builds it with "
+                              "_target_: fame.tasks.explainer (configs/explainer/)")
+        try:
+            task.method(method).check_options(method_options(options))
+        except ValueError as error:
+            raise ConfigError(f"explainer.{name}: {error}") from None
         if method == "fame":
             check_fame_options(method_options(options), f"explainer.{name}")
         if method == "fggb":
             Rule(str, choices=GRADIENT_OF).check(f"explainer.{name}.gradient_of", options.get("gradient_of", "normalized"))
-    if config.input_space == "normalized" and task != "classification":
-        raise ConfigError("input_space=normalized applies to classifiers; face models normalize inside and are "
-                          "perturbed in [0, 1] pixels")
+    task.check_input_space(config.input_space)
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
         raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
                           "checkpoint=null to explain the model built from the model config")
 
 
-def method_options(options: Any) -> Dict[str, Any]:
-    """The options a method function receives: its config file without ``name``."""
-    values = dict(plain(options) or {})
-    values.pop("name", None)
-    return values
-
-
 def method_identity(options: Any, key: str) -> Dict[str, Any]:
-    """A method's config as the store records it: FAME's speed settings only where not the default."""
-    values = plain(options)
+    """A method's config as the store records it: its ``name`` and options (not how it is built, so
+    stores begun before the explainer configs had a ``_target_`` resume), FAME's speed settings only
+    where not the default."""
+    values = {name: value for name, value in plain(options).items() if name not in BUILD_KEYS}
     if values.get("name") != "fame":
         return values
     chosen, defaults = check_fame_options(values, key), FameConfig()
@@ -108,94 +95,6 @@ def without_loader_keys(node: Any) -> Any:
     return node
 
 
-def explained_dataset(config: DictConfig):
-    """The dataset whose samples are explained: a split of a classification datamodule, or the pairs."""
-    if config.data.task == "verification":
-        if "pairs" not in config.data:
-            raise ConfigError("data.pairs is missing: a verification data config names the pairs to explain")
-        return split_dataset(instantiate(config.data.pairs, "data.pairs"), "predict")
-    return limited(split_dataset(build_datamodule(config), config.split), config.limit)
-
-
-def explained_model(config: DictConfig) -> nn.Module:
-    """The network whose decisions are explained: the classifier (or face embedder) of a train.py
-    checkpoint, or the model built from ``config.model`` when ``checkpoint`` is null.
-
-    The checkpoint is data (:func:`fame.lightning.checkpoints.load_module_checkpoint`): it must hold
-    a ``module._target_`` of the task, and its specs name the project's builders or targets this
-    config names, unless the user trusts it (``trust=[PATH]``).
-    """
-    if config.checkpoint is None:
-        return instantiate(config.model, "model").eval()
-    module = load_module_checkpoint(get_class(config.module._target_), config.checkpoint,
-                                    trust=trusted_file(config, config.checkpoint),
-                                    named_targets=config_targets(config.model, config.module))
-    network = module.embedder if config.data.task == "verification" else module.model
-    classes = config.data.get("num_classes") if config.data.task == "classification" else None
-    outputs = [layer.out_features for layer in network.modules() if isinstance(layer, nn.Linear)][-1:]
-    if classes is not None and outputs and outputs[0] != classes:
-        raise ConfigError(f"checkpoint={config.checkpoint} holds a classifier of {outputs[0]} classes, but the data has "
-                          f"data.num_classes={classes}; give the checkpoint of a model trained on this data, or the "
-                          "experiment= it was trained with")
-    return network.eval()
-
-
-def predicted_classes(model: nn.Module, images: Tensor) -> Tensor:
-    """The model's top class per image (``target=prediction``), with any autocast of the caller
-    (a ``Trainer(precision="bf16-mixed")``) switched off, so no precision setting changes it."""
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-        return model(images).argmax(dim=1)
-
-
-def classification_compute(method, options: Dict[str, Any], target: str, input_space: str):
-    """``input_space="normalized"`` perturbs the mean/std-normalized tensor (the paper's ImageNet
-    setting) through the wrapper's ``normalize`` and ``net``; "pixels" perturbs [0, 1] images.
-    ``target="prediction"`` explains the model's top class (``predicted_classes``)."""
-
-    def compute(model: nn.Module, batch: Dict[str, Any]):
-        images = batch["image"]
-        targets = torch.as_tensor(batch["label"], device=images.device)
-        if target == "prediction":
-            targets = predicted_classes(model, images)
-        if input_space == "normalized":
-            images, model = model.normalize(images), model.net
-        return method(model, images, targets, ids=list(batch["id"]), **options)
-
-    return compute
-
-
-def verification_compute(method, options: Dict[str, Any]):
-    """Both sides of each pair: the probe against the gallery's frozen embedding and vice versa,
-    as outputs ``probe.<output>`` and ``gallery.<output>``."""
-
-    def compute(model: nn.Module, batch: Dict[str, Any]):
-        maps, stats = {}, {}
-        ids = [str(i) for i in batch["id"]]
-        for side, other in (("probe", "gallery"), ("gallery", "probe")):
-            result = method(model, batch[side], batch[other], ids=[f"{i}/{side}" for i in ids], **options)
-            maps.update({f"{side}.{output}": value for output, value in result.maps.items()})
-            stats.update({f"{side}.{output}": value for output, value in result.stats.items()})
-        return MethodResult(maps, stats)
-
-    return compute
-
-
-def pair_threshold(model: nn.Module, dataset, batch_size: int, device: torch.device = torch.device("cpu")):
-    """(threshold, EER) of the clean cosine similarities of every pair of ``dataset``: FGGB's theta
-    and the fixed decision threshold of the verification deletion / insertion protocol."""
-    from ..metrics.verification import eer_threshold
-
-    scores, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_items)
-    with torch.no_grad():
-        for batch in loader:
-            pair = [model(batch[side].to(device)) for side in ("gallery", "probe")]
-            scores.append(torch.nn.functional.cosine_similarity(*pair, dim=1).cpu())
-            labels.append(torch.as_tensor(batch["same"]).bool())
-    threshold, eer = eer_threshold(torch.cat(scores), torch.cat(labels))
-    return float(threshold), float(eer)
-
-
 def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]) -> int:
     """``batch_size=auto``: the largest batch of FAME iterations that fits the device's free memory
     (``fame.explain.batching.find_batch_size``), for the FAME settings of ``explainer.fame``.
@@ -204,21 +103,15 @@ def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]
 
     fame = selected_methods(config).get("fame")
     fame_config = check_fame_options(fame, "explainer.fame") if fame is not None else None
-    verification = config.data.task == "verification"
-    image = sample["probe" if verification else "image"]
+    task = task_of(config.data.task)
+    image = sample[task.image_key]
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
                           else "cpu")
     size = find_batch_size(model.to(device), tuple(image.shape), fame_config, device,
-                           images_per_sample=len(VERIFICATION_MODES) if verification else 1)
+                           images_per_sample=task.images_per_sample)
     model.cpu()
     print(f"batch_size=auto: {size} samples per batch on {device}")
     return size
-
-
-def method_outputs(config: DictConfig) -> List[str]:
-    if config.data.task == "classification":
-        return [""]
-    return [f"{side}.{output}" for side in SIDES for output in ("similar", "dissimilar")]
 
 
 def launched_rank() -> int:
@@ -250,26 +143,21 @@ def recompute_damaged(store: MapStore, methods: List[str]) -> None:
 
 
 def explain(config: DictConfig) -> MapStore:
-    """Explain the dataset of ``config.data`` with every method of ``config.explainer``
-    (or, when ``config.featuremap`` is set, run the feature-map experiment instead).
+    """Explain the dataset of ``config.data`` with every method of ``config.explainer``.
 
     Rows already in the store with the same settings are skipped; a store made with other settings
     is refused (or, with ``new_group=true``, the maps go to ``<method>@2``...). Returns the store.
     """
-    if config.get("featuremap"):
-        from .featuremap import featuremap
-
-        return featuremap(config)
     check_explain_config(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    task = config.data.task
+    task = task_of(config.data.task)
     dataset = explained_dataset(config)
     first = dataset[0]
-    size = tuple(first["image" if task == "classification" else "probe"].shape[-2:])
+    size = task.image_size(first)
     model = explained_model(config)  # before the store: a refused checkpoint leaves nothing behind
     data_identity = without_loader_keys(plain(config.data))
     store = MapStore.create_or_open(config.store, num_samples=len(dataset), size=size,
-                                    meta={"task": task, "data": data_identity, "split": config.split,
+                                    meta={"task": task.name, "data": data_identity, "split": config.split,
                                           "limit": config.limit})
     claim = claim_for_run(store)  # another explain run on this store is refused while this one writes
     try:
@@ -281,28 +169,27 @@ def explain(config: DictConfig) -> MapStore:
 
 def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset, first: Dict[str, Any]) -> MapStore:
     """The rest of :func:`explain`, once the store is open (and claimed by the run's first process)."""
-    task = config.data.task
+    task = task_of(config.data.task)
     model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
                       else {"model": plain(config.model)})
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
     batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
     methods = []
     for name, options in selected_methods(config).items():
-        function = get_method(options["name"], task)
         kwargs = method_options(options)
+        built = {**plain(options)}
         settings = {"method": method_identity(options, f"explainer.{name}"), "target": config.target, "input_space": config.input_space,
                     **model_identity}
         derived = {}
         if kwargs.get("threshold") == "eer":  # FGGB's theta: the EER threshold of these pairs' clean scores
             # provenance, not identity: it follows from the data and model (both in the identity), and
             # the clean scores move by ~1e-7 with the batch size, which must not refuse a resumed store
-            kwargs["threshold"] = derived["eer_threshold"] = pair_threshold(model, dataset, batch_size)[0]
-            print(f"{name}: threshold = EER threshold of the clean scores, {kwargs['threshold']:.4f}")
-        stored_name = store.begin_method(name, settings, outputs=method_outputs(config),
+            built["threshold"] = derived["eer_threshold"] = task.pair_threshold(model, dataset, batch_size)[0]
+            print(f"{name}: threshold = EER threshold of the clean scores, {built['threshold']:.4f}")
+        stored_name = store.begin_method(name, settings, outputs=list(task.outputs),
                                          new_group=config.new_group, provenance={**provenance, **derived})
-        compute = (classification_compute(function, kwargs, config.target, config.input_space) if task == "classification"
-                   else verification_compute(function, kwargs))
-        methods.append(ExplainMethod(stored_name, compute))
+        method = task.build_method(built, f"explainer.{name}")
+        methods.append(ExplainMethod(stored_name, task.batch_method(method, config.target, config.input_space)))
     recompute_damaged(store, [method.name for method in methods])
     rows = MissingRows(dataset, store, [method.name for method in methods])
     if len(rows) == 0:

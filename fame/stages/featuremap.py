@@ -1,4 +1,5 @@
-"""The feature-map experiment (paper Sec. 4.1): ``python explain.py experiment=featuremap``.
+"""The feature-map experiment (paper Sec. 4.1): ``python explain.py experiment=featuremap`` (explain.py
+runs this stage when the config has a ``featuremap`` section).
 
 For a few images: FAME's feature-map loss at every location (or an evenly spaced sub-grid) of each
 configured layer, the share of each location's map mass outside its CAM cell per layer, and the
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 from ..config import ConfigError, Rule, check_fame_options, validate
 from ..explain import explain_feature_map, feature_map_size
 from ..featuremap import feature_map_sheet, outside_mass_by_location, subset_grid, summarize_layers
-from .explain import explained_dataset, explained_model, selected_methods
+from ..pipeline import explained_dataset, explained_model, selected_methods
+from ..tasks import explained_inputs, task_of
 
 FEATUREMAP_SCHEMA = {
     "featuremap.images": Rule(int, minimum=1),
@@ -34,15 +36,15 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     if fame_options is None:
         raise ConfigError("the feature-map experiment needs the fame explainer: explainer=[fame]")
     fame_config = check_fame_options(fame_options, "explainer.fame")
-    if config.data.task != "classification":
+    task = task_of(config.data.task)
+    if not task.explains_feature_maps:
         raise ConfigError("the feature-map experiment explains a classifier's layers: choose a classification data config")
     model = explained_model(config)
     dataset = explained_dataset(config)
     items = [dataset[i] for i in range(min(settings.images, len(dataset)))]
-    images = torch.stack([item["image"] for item in items])
+    pixels = torch.stack([item[task.image_key] for item in items])
     ids = [str(item["id"]) for item in items]
-    if config.input_space == "normalized":  # the paper perturbs the normalized tensor
-        images, model = model.normalize(images), model.net
+    images, model = explained_inputs(model, pixels, config.input_space)  # the paper perturbs the normalized tensor
     layers = list(settings.layers)
     by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations,
                                            image_ids=ids)
@@ -58,8 +60,8 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
         maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
-        scale = max(1, 512 // (item["image"].shape[-1] * width))
-        feature_map_sheet(item["image"], maps, height, width, output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
+        scale = max(1, 512 // (item[task.image_key].shape[-1] * width))
+        feature_map_sheet(item[task.image_key], maps, height, width, output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
                           locations=locations, scale=scale, gap=4, line_width=2)
     print(summary.to_string(index=False))
     print(f"wrote {output / 'outside_mass.md'}, the per-location CSV and {len(items)} sheets of {settings.sheet_layer}")

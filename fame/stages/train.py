@@ -18,7 +18,8 @@ from ..config import ConfigError, Rule, config_digest, config_targets, instantia
 from ..lightning.checkpoints import check_module_checkpoint
 from ..lightning.resume import ExactResume
 from ..viz import save_monitor_curves
-from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
+from ..pipeline import build_datamodule, finish_wandb, wandb_logger
+from ..tasks import task_names
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
@@ -28,7 +29,7 @@ NOT_TRAINING = ("paths", "experiment_name", "logger", "resume", "trust", "run_ro
 TRAIN_SCHEMA = {
     "seed": Rule(int, minimum=0),
     "limit": Rule(int, minimum=1, optional=True),
-    "data.task": Rule(str, choices=TASKS),
+    "data.task": Rule(str, choices=tuple(task_names())),
     "trainer.max_epochs": Rule(int, minimum=1, optional=True),
 }
 MODULE_SCHEMA = {

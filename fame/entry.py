@@ -1,23 +1,19 @@
-"""Pieces every stage uses: devices, loggers, datasets of a data config, and the entry points'
-one-line reports of bad input."""
+"""What the entry points share: the one-line report of bad input (exit status 2) and the check of
+command-line group choices before Hydra composes anything (README, Bad input)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig
-from torch.utils.data import Dataset
 
-from ..config import ConfigError, instantiate, plain
-from ..data.images import CorruptSampleError
-from ..store import StoreError, StoreMismatch
+from .config import ConfigError
+from .data.images import CorruptSampleError
+from .store import StoreError, StoreMismatch
 
-TASKS = ("classification", "verification")
 #: What an entry point reports as one line on stderr with exit status 2: a config value, a missing
 #: file, a store that cannot serve this run (other settings, damaged maps, busy, an old layout), an
 #: unreadable sample.
@@ -96,50 +92,3 @@ def check_group_choices(arguments: Sequence[str], config_dir: Path, script: str)
             print(f"{script}: unknown {override.key_or_group} {', '.join(map(repr, unknown))}; known: {', '.join(known)}",
                   file=sys.stderr)
             sys.exit(2)
-
-
-def device_of(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_datamodule(config: DictConfig):
-    """The LightningDataModule of ``config.data.datamodule``."""
-    return instantiate(config.data.datamodule, "data.datamodule")
-
-
-def split_dataset(datamodule, split: str) -> Dataset:
-    """The dataset of one split (train, val, test) of a datamodule, after ``setup``."""
-    datasets = getattr(datamodule, "datasets", None)
-    if isinstance(datasets, dict):  # ClassificationDataModule
-        if datasets.get(split) is None:
-            known = [name for name, value in datasets.items() if value is not None]
-            raise ValueError(f"the data config has no {split!r} split; it has {known}: set split= to one of them")
-        return datasets[split]
-    datamodule.setup("predict")
-    pairs = getattr(datamodule, "pair_set", None)  # VerificationDataModule
-    if pairs is not None:
-        return pairs
-    raise ValueError(f"{type(datamodule).__name__} has no dataset for split {split!r}")
-
-
-def wandb_logger(config: DictConfig, job: str, save_dir: Optional[Path] = None):
-    """An offline-by-default W&B logger writing under the output folder, or None when disabled."""
-    if not config.logger.get("enabled", True):
-        return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_MODE", config.logger.mode)
-    save_dir = Path(save_dir or config.paths.output_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=config.logger.project, name=f"{config.logger.get('name') or job}",
-                       save_dir=str(save_dir), offline=config.logger.mode == "offline", job_type=job,
-                       config=plain(config))
-
-
-def finish_wandb(logger: Any) -> None:
-    """Close a W&B run so its offline files are complete."""
-    if logger is not None and hasattr(logger, "experiment"):
-        logger.experiment.finish()
