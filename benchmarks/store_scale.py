@@ -150,8 +150,9 @@ def evaluate_figures(rows: int, folder: Path, families: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     from fame.config import plain
+    from fame.pipeline import explained_dataset
     from fame.stages.evaluate import score_store
-    from fame.stages.explain import explained_dataset, without_loader_keys
+    from fame.stages.explain import without_loader_keys
 
     data = [f"data.datamodule.test.length={rows}", f"limit={rows}"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

@@ -119,7 +119,7 @@ class DamagedIndexWarning(UserWarning):
     """A complete line of an index file fails its checksum; the rows it named read as missing."""
 
 
-def plain(value: Any) -> Any:
+def json_data(value: Any) -> Any:
     """``value`` as JSON data (dicts, lists, str, numbers, bool, None), as it reads back from the store."""
     def convert(item):
         if isinstance(item, Path):
@@ -534,7 +534,7 @@ class MapStore:
         requested = {"num_samples": int(num_samples), "height": int(size[0]), "width": int(size[1])}
         if requested["num_samples"] < 1 or min(requested["height"], requested["width"]) < 1:
             raise ValueError(f"a map store needs at least one row and a positive map size, got {num_samples} rows of {tuple(size)}")
-        meta = plain(dict(meta)) if meta is not None else None
+        meta = json_data(dict(meta)) if meta is not None else None
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             attributes = _read_attributes(path)
@@ -623,7 +623,7 @@ class MapStore:
         if not outputs or len(set(outputs)) != len(outputs) or ("" in outputs and len(outputs) > 1) \
                 or not all(output == "" or OUTPUT_NAME.fullmatch(output) for output in outputs):
             raise ValueError(f"outputs must be [''] or distinct names of letters, digits, '_', '.', '-'; got {outputs}")
-        requested = {"settings": plain(dict(settings)), "outputs": outputs}
+        requested = {"settings": json_data(dict(settings)), "outputs": outputs}
         base, candidate, number = name.split("@")[0], name, 1
         while True:
             stored = self._method_attributes(candidate) or self._create_method(candidate, requested, provenance)
@@ -661,7 +661,7 @@ class MapStore:
         staging_root = self.path / STAGING
         staging_root.mkdir(exist_ok=True)
         staging = staging_root / f"{name}-{uuid.uuid4().hex}"
-        attributes = {**requested, "provenance": plain(dict(provenance or {})), "created": _now()}
+        attributes = {**requested, "provenance": json_data(dict(provenance or {})), "created": _now()}
         group = zarr.open_group(str(staging), mode="w-", zarr_format=3, attributes=attributes)
         for output in requested["outputs"]:
             if output != "":

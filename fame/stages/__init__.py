@@ -1,4 +1,5 @@
-"""The stages behind train.py, explain.py (and its feature-map experiment) and evaluate.py, each a function of a composed config.
+"""The stages behind train.py, explain.py (and its feature-map experiment) and evaluate.py, each a
+function of a composed config; none imports another (what they share is in :mod:`fame.pipeline`).
 
 config -> data -> model -> explainer -> map store -> metrics -> report. The entry points, the
 tests and the notebooks call these same functions.

@@ -213,7 +213,8 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
         print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
               f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
     context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
-               "task": task.name, "threshold": threshold, "dataset": dataset, "rows": rows, "sanity_layers": sanity_layers}
+               "task": task.name, "threshold": threshold, "dataset": dataset, "rows": rows,
+               "sanity_layers": sanity_layers}
     return frame, context
 
 
@@ -258,7 +259,8 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
     shown = task.shown_entries(context["entries"])
     mask_keys = list(store_config(config, store).data.get("mask_keys") or [])
     mask_key = next((k for k in (task.sample_mask_key(m) for m in mask_keys) if k in items[0]), None)
-    return save_overlay_grid([item[task.image_key] for item in items], {e: torch.from_numpy(store.read(e, ids)) for e in shown},
+    return save_overlay_grid([item[task.image_key] for item in items],
+                             {e: torch.from_numpy(store.read(e, ids)) for e in shown},
                              path, row_titles=ids, masks=[item[mask_key] for item in items] if mask_key else None)
 
 

@@ -60,8 +60,9 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
         maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
-        scale = max(1, 512 // (item[task.image_key].shape[-1] * width))
-        feature_map_sheet(item[task.image_key], maps, height, width, output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
+        image = item[task.image_key]
+        scale = max(1, 512 // (image.shape[-1] * width))
+        feature_map_sheet(image, maps, height, width, output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
                           locations=locations, scale=scale, gap=4, line_width=2)
     print(summary.to_string(index=False))
     print(f"wrote {output / 'outside_mass.md'}, the per-location CSV and {len(items)} sheets of {settings.sheet_layer}")
