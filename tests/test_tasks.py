@@ -128,3 +128,15 @@ def test_no_module_outside_the_task_module_compares_a_task_name():
     found = [place for path in modules + entry_points for place in _task_name_comparisons(path)]
     assert found == []
     assert list(_task_name_comparisons(PACKAGE / "tasks.py"))  # the check sees the comparisons that are allowed
+
+
+STAGES = ("evaluate", "explain", "featuremap", "train")
+
+
+def test_no_stage_imports_another():
+    for stage in STAGES:
+        tree = ast.parse((PACKAGE / "stages" / f"{stage}.py").read_text())
+        imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        imported |= {f"{node.module}" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fame.stages.")}
+        assert not {name.split(".")[-1] for name in imported} & set(STAGES), stage

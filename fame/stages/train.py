@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..config import ConfigError, Rule, config_digest, config_targets, instantiate, lookup, plain, trusted_file, validate
 from ..lightning.checkpoints import check_module_checkpoint
 from ..lightning.resume import ExactResume
-from ..viz import save_monitor_curves
 from ..pipeline import build_datamodule, finish_wandb, wandb_logger
 from ..tasks import task_names
+from ..viz import save_monitor_curves
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
