@@ -1,0 +1,103 @@
+"""EfficientNet-Lite0 from the package index: equal to the reference package's network on real photos."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+from matplotlib import cbook
+from PIL import Image
+from skimage import data
+
+from fame.models import build_classifier, classifier_names
+from fame.models import efficientnet_lite
+from fame.models.efficientnet_lite import EFFICIENTNET_LITE, weights_file
+
+# Each photo's sensible ImageNet classes (ImageNet has no "rocket" or "motorcycle" class).
+SENSIBLE = {
+    "chelsea": {"tabby", "tiger cat", "Egyptian cat"},
+    "coffee": {"espresso", "cup", "coffee mug"},
+    "rocket": {"missile", "projectile", "space shuttle"},
+    "camera": {"tripod", "reflex camera"},
+    "stereo_motorcycle": {"moped", "motor scooter"},
+    "grace_hopper": {"military uniform"},
+}
+
+
+def _photo(name: str) -> torch.Tensor:
+    if name == "grace_hopper":
+        with cbook.get_sample_data("grace_hopper.jpg") as file:
+            pixels = np.asarray(Image.open(file).convert("RGB"))
+    else:
+        pixels = getattr(data, name)()
+        pixels = pixels[0] if name == "stereo_motorcycle" else pixels
+    if pixels.ndim == 2:
+        pixels = np.stack([pixels] * 3, axis=-1)
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_classifier("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def photos(lite0) -> torch.Tensor:
+    return torch.stack([lite0.preprocess(_photo(name)) for name in SENSIBLE])
+
+
+def test_logits_equal_the_reference_package_and_top1_is_plainly_right(lite0, photos) -> None:
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_file("efficientnet_lite0")))
+    with torch.no_grad():
+        ours = lite0(photos)
+        theirs = reference.eval()(lite0.normalize(photos))
+    assert photos.shape == (len(SENSIBLE), 3, 224, 224)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), (ours - theirs).abs().max()
+    top1 = [lite0.categories[index] for index in ours.argmax(1)]
+    assert {name: label for name, label in zip(SENSIBLE, top1) if label not in SENSIBLE[name]} == {}
+
+
+def test_the_network_is_timms_graph_with_the_reference_preprocessing(lite0) -> None:
+    assert type(lite0.net).__module__.startswith("timm.")
+    assert (lite0.preprocess.resize_size, lite0.preprocess.crop_size) == (224, 224)
+    assert lite0.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert lite0.std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+    assert len(lite0.categories) == 1000 and not lite0.training
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(classifier_names())
+
+
+def test_a_saved_state_dict_loads_back_strictly_and_a_new_head_size_needs_weights_none(lite0, tmp_path) -> None:
+    path = tmp_path / "lite0.pth"
+    torch.save(lite0.net.state_dict(), path)
+    again = build_classifier("efficientnet_lite0", path)
+    for key, value in lite0.net.state_dict().items():
+        assert torch.equal(again.net.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="num_classes=10"):
+        build_classifier("efficientnet_lite0", num_classes=10)
+    assert build_classifier("efficientnet_lite0", None, num_classes=10)(torch.rand(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_a_missing_weight_package_or_file_names_the_package_and_the_file(monkeypatch, tmp_path) -> None:
+    variant = EFFICIENTNET_LITE["efficientnet_lite0"]
+    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", dataclasses.replace(variant, package="fame_no_such_lite"))
+    with pytest.raises(FileNotFoundError, match="fame-no-such-lite.*not installed") as error:
+        build_classifier("efficientnet_lite0")
+    assert variant.weights_file in str(error.value)
+
+    (tmp_path / "fame_empty_lite" / "models").mkdir(parents=True)
+    (tmp_path / "fame_empty_lite" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", dataclasses.replace(variant, package="fame_empty_lite"))
+    with pytest.raises(FileNotFoundError, match="fame-empty-lite.*lacks its weight file") as error:
+        efficientnet_lite.weights_file("efficientnet_lite0")
+    assert variant.weights_file in str(error.value)
+
+
+def test_the_key_renaming_refuses_a_key_it_does_not_know(lite0) -> None:
+    reference = torch.load(weights_file("efficientnet_lite0"), weights_only=True)
+    reference["_blocks.3._se_reduce.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="_se_reduce"):
+        efficientnet_lite.timm_keys_from_reference(reference, lite0.net)
