@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .checkpoints import load_checkpoint, load_state_dict_strictly, state_dict_in, strip_prefix
 from .efficientnet_lite import EFFICIENTNET_LITE, efficientnet_lite_net
+from .submodules import find_submodule, module_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,6 +108,7 @@ def build_classifier(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     trust: bool = False,
+    target_layer: str | None = None,
 ) -> Classifier:
     """Build classifier ``name`` as a :class:`Classifier` taking [0, 1] RGB images, in eval mode.
 
@@ -121,7 +123,24 @@ def build_classifier(
     resize/crop of the architecture's default weights. ``num_classes`` defaults to the weights'
     categories (1000). ``trust`` is passed to :func:`~fame.models.checkpoints.load_checkpoint`.
     Without network access torchvision weights are read from ``torch.hub.get_dir()/checkpoints``.
+    ``target_layer`` names the Grad-CAM / feature-map layer (with or without the ``net.`` prefix)
+    that :func:`~fame.models.target_layer` returns instead of the family's default.
     """
+    classifier = _build_classifier(name, weights, num_classes, mean=mean, std=std, trust=trust)
+    if target_layer is not None:
+        classifier.net.target_layer_name = module_name(classifier.net, find_submodule(classifier.net, target_layer))
+    return classifier
+
+
+def _build_classifier(
+    name: str,
+    weights: str | os.PathLike | None,
+    num_classes: int | None,
+    *,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    trust: bool,
+) -> Classifier:
     if name.lower() not in classifier_names():
         close = difflib.get_close_matches(name.lower(), classifier_names(), n=3)
         suggestion = f" Did you mean {', '.join(close)}?" if close else ""
