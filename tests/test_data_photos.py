@@ -65,8 +65,8 @@ def test_the_photos_experiment_explains_and_scores_the_boxes(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     store = MapStore(tmp_path / "photos" / "explain" / "maps.zarr")
     assert store.read("fame").shape == store.read("gradcam").shape == (2, 224, 224)
-    evaluate = [sys.executable, "evaluate.py", *common, "logger.enabled=false", "families=[localization]", "grid_rows=1",
-                "bootstrap.resamples=20"]
+    evaluate = [sys.executable, "evaluate.py", *common, "logger.enabled=false", "families=[localization]",
+                "grid_rows=1", "bootstrap.resamples=20"]
     done = subprocess.run(evaluate, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pointing game" in (tmp_path / "photos" / "evaluate" / "metrics.md").read_text()

