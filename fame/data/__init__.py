@@ -3,6 +3,7 @@ from fame.data.align import align_face, align_faces
 from fame.data.folder import ImageFolderDataset
 from fame.data.identity import IdentityFolderDataset
 from fame.data.imagenet import ImageNetValidation, build_imagenet_subset
+from fame.data.photos import PhotoDataset
 from fame.data.recordio import RecordIODataset
 from fame.data.verification import PairsDataset, load_verification_bin
 from fame.data.synthetic_faces import SyntheticFacePairs, SyntheticFaces

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .engine import check_images, normalize_maps, to_gray
 from .guard import explaining
+from .objectives import check_runs_once
 
 CAM_METHODS: Dict[str, type] = {
     "gradcam": GradCAM,
@@ -84,7 +85,8 @@ def cam_maps(
     ``targets`` are class indices, or grad-cam target callables (one per sample, e.g. a
     :class:`CosineSimilarityTarget` for face models). ``batch_size`` is the number of masked
     images per forward pass of Score-CAM (one per channel of the layer). FullGrad reads every
-    convolution and batch-norm bias instead of one layer and takes ``layer=None``. Works under
+    convolution and batch-norm bias instead of one layer and takes ``layer=None``. A layer that one
+    forward pass runs more than once is refused (``check_runs_once``). Works under
     inference mode and leaves the model as found (hooks released, flags and gradients restored).
     """
     if method not in CAM_METHODS:
@@ -98,6 +100,8 @@ def cam_maps(
     if len(targets) != images.shape[0]:
         raise ValueError(f"targets must hold one entry per image ({images.shape[0]}), got {len(targets)}")
     targets = [ClassifierOutputTarget(int(t)) if not callable(t) else t for t in targets]
+    if layer is not None:
+        check_runs_once(model, layer, images)
     with explaining(model):
         # The graph must reach the target layer through the input, since parameters are frozen.
         inputs = images.detach().clone().requires_grad_(True)

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.submodules import find_submodule, module_name
+from .guard import explaining
+
 VERIFICATION_MODES = ("similar", "dissimilar")
 
 
@@ -122,7 +125,8 @@ class FeatureActivation:
     """Feature-map loss (paper Sec. 4.1): sum_c |a_c[k]| at location k = (row, col) of ``layer``.
 
     A forward hook captures the layer's output and stops the forward pass there, so the layers
-    after it cost nothing. Use as a context manager; the hook is removed on exit.
+    after it cost nothing; before the first capture one whole forward pass checks that the layer
+    runs once (``check_runs_once``). Use as a context manager; the hook is removed on exit.
     """
 
     accepts_index = True
@@ -133,6 +137,7 @@ class FeatureActivation:
         self.locations = locations
         self._captured: Optional[Tensor] = None
         self._handle = None
+        self._checked = False
 
     def __enter__(self) -> "FeatureActivation":
         self._handle = self.layer.register_forward_hook(self._capture)
@@ -153,6 +158,13 @@ class FeatureActivation:
         """The layer's output (B, C, h, w) for ``images``."""
         if self._handle is None:
             raise RuntimeError("FeatureActivation must be used inside a `with` block")
+        if not self._checked:
+            self._handle.remove()  # the capture hook stops the forward pass; the check needs all of it
+            try:
+                check_runs_once(self.model, self.layer, images)
+            finally:
+                self._handle = self.layer.register_forward_hook(self._capture)
+            self._checked = True
         self._captured = None
         try:
             self.model(images)
@@ -178,17 +190,50 @@ class FeatureActivation:
 
 
 def resolve_layer(model: nn.Module, layer: Union[str, nn.Module]) -> nn.Module:
-    """A submodule given as a module or as a dotted name such as ``"layer4"`` or ``"features.28"``."""
+    """A submodule given as a module or as a dotted name such as ``"layer4"`` or ``"features.28"``.
+
+    Names resolve alike with or without the ``net.`` prefix of a wrapper (``find_submodule``), so a
+    name means the same module in either input space; an unknown one is an error listing close names.
+    """
     if isinstance(layer, str):
-        try:
-            return model.get_submodule(layer)
-        except AttributeError as error:
-            raise ValueError(f"the model has no submodule named {layer!r}: {error}") from None
+        return find_submodule(model, layer)
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module or a dotted submodule name, got {type(layer).__name__}")
-    if not any(module is layer for module in model.modules()):
+    if not any(candidate is layer for candidate in model.modules()):
         raise ValueError(f"the layer {type(layer).__name__} is not a submodule of the model")
     return layer
+
+
+def check_runs_once(model: nn.Module, layer: nn.Module, example: Tensor) -> None:
+    """Refuse a ``layer`` that one forward pass of ``example[:1]`` runs more or less than once.
+
+    A module called twice (an activation shared by the stem and the head) would give a hook the
+    activations and gradients of one of its calls only, and so a wrong map without any error.
+    """
+    calls = 0
+
+    def count(*_) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = layer.register_forward_hook(count)
+    try:
+        with explaining(model), torch.no_grad():
+            model(example[:1].detach().clone())
+    finally:
+        handle.remove()
+    name = module_name(model, layer)
+    if calls == 0:
+        raise LayerNotReached(
+            f"the layer {name!r} ({type(layer).__name__}) was never reached by the model's forward pass; "
+            "pass a module that the model calls (e.g. model.layer4 for a ResNet)"
+        )
+    if calls > 1:
+        raise ValueError(
+            f"the layer {name!r} ({type(layer).__name__}) runs {calls} times in one forward pass, so its hooked "
+            "activations and gradients would mix those calls; choose a module that runs once (a block or a "
+            "convolution; fame.models.target_layer(model) gives one)"
+        )
 
 
 def grid_locations(height: int, width: int, device=None) -> Tensor:

@@ -16,4 +16,5 @@ from .face import FaceEmbedder, build_face_model, face_arch_names, guess_face_ar
 from .heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet
 from .onnx import OnnxBackbone, has_baked_normalization, load_onnx_backbone
+from .submodules import find_submodule, module_name
 from .target_layers import target_layer

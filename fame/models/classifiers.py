@@ -1,4 +1,4 @@
-"""torchvision classifiers by name, wrapped to take [0, 1] RGB images and normalize inside."""
+"""Classifiers by name (torchvision's, EfficientNet-Lite), wrapped to take [0, 1] RGB images and normalize inside."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .checkpoints import load_checkpoint, load_state_dict_strictly, state_dict_in, strip_prefix
+from .efficientnet_lite import EFFICIENTNET_LITE, efficientnet_lite_net
+from .submodules import find_submodule, module_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,8 +80,8 @@ class Classifier(nn.Module):
 
 
 def classifier_names() -> list[str]:
-    """Every torchvision classification model name ``build_classifier`` accepts."""
-    return list_models(module=torchvision.models)
+    """Every classification model name ``build_classifier`` accepts: torchvision's and EfficientNet-Lite 0-2."""
+    return list_models(module=torchvision.models) + list(EFFICIENTNET_LITE)
 
 
 def _weights_entry(weights_enum: type[WeightsEnum], choice: str) -> WeightsEnum | None:
@@ -106,8 +108,12 @@ def build_classifier(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     trust: bool = False,
+    target_layer: str | None = None,
 ) -> Classifier:
-    """Build torchvision classifier ``name`` as a :class:`Classifier` taking [0, 1] RGB images, in eval mode.
+    """Build classifier ``name`` as a :class:`Classifier` taking [0, 1] RGB images, in eval mode.
+
+    EfficientNet-Lite 0-2 (``efficientnet_lite0`` ...) load the weights of their package from the
+    package index (:mod:`fame.models.efficientnet_lite`); every other name is torchvision's.
 
     ``weights`` is a torchvision weights name ("DEFAULT", "IMAGENET1K_V1", ...), ``None`` for random
     initialisation, or the path of a state_dict file for this architecture (loaded strictly; a
@@ -117,12 +123,31 @@ def build_classifier(
     resize/crop of the architecture's default weights. ``num_classes`` defaults to the weights'
     categories (1000). ``trust`` is passed to :func:`~fame.models.checkpoints.load_checkpoint`.
     Without network access torchvision weights are read from ``torch.hub.get_dir()/checkpoints``.
+    ``target_layer`` names the Grad-CAM / feature-map layer (with or without the ``net.`` prefix)
+    that :func:`~fame.models.target_layer` returns instead of the family's default.
     """
+    classifier = _build_classifier(name, weights, num_classes, mean=mean, std=std, trust=trust)
+    if target_layer is not None:
+        classifier.net.target_layer_name = module_name(classifier.net, find_submodule(classifier.net, target_layer))
+    return classifier
+
+
+def _build_classifier(
+    name: str,
+    weights: str | os.PathLike | None,
+    num_classes: int | None,
+    *,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    trust: bool,
+) -> Classifier:
     if name.lower() not in classifier_names():
         close = difflib.get_close_matches(name.lower(), classifier_names(), n=3)
         suggestion = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown torchvision classifier {name!r}.{suggestion} See fame.models.classifier_names().")
+        raise ValueError(f"Unknown classifier {name!r}.{suggestion} See fame.models.classifier_names().")
     name = name.lower()
+    if name in EFFICIENTNET_LITE:
+        return _efficientnet_lite(name, weights, num_classes, mean=mean, std=std, trust=trust)
     weights_enum = get_model_weights(name)
     default = weights_enum.DEFAULT
     entry = _weights_entry(weights_enum, str(weights)) if isinstance(weights, str) else None
@@ -175,6 +200,35 @@ def build_classifier(
         mean=tuple(mean or IMAGENET_MEAN),
         std=tuple(std or IMAGENET_STD),
         preprocess=_preprocessing_of(default),
+    ).eval()
+
+
+def _efficientnet_lite(
+    name: str,
+    weights: str | os.PathLike | None,
+    num_classes: int | None,
+    *,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    trust: bool,
+) -> Classifier:
+    """EfficientNet-Lite with the reference package's preprocessing: a square resize to its image
+    size and ImageNet mean/std (``efficientnet-lite-pytorch``'s usage example)."""
+    categories = tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    if weights == "DEFAULT" and num_classes not in (None, len(categories)):
+        raise ValueError(
+            f"{name} ImageNet weights have {len(categories)} classes but num_classes={num_classes}; "
+            "use weights=None (or the path of a state_dict trained with that many classes)."
+        )
+    classes = num_classes or len(categories)
+    size = EFFICIENTNET_LITE[name].image_size
+    return Classifier(
+        efficientnet_lite_net(name, weights, classes, trust=trust),
+        name=name,
+        mean=tuple(mean or IMAGENET_MEAN),
+        std=tuple(std or IMAGENET_STD),
+        preprocess=Preprocessing(size, size),
+        categories=categories if classes == len(categories) else None,
     ).eval()
 
 

@@ -2,11 +2,13 @@
 
 The choice is the last layer whose output still has spatial meaning, (B, C, H, W): the FAME
 paper's comparison uses ResNet ``layer4[-1]``, VGG ``features[-2]``, ConvNeXt ``features[-1][-1]`` and
-IResNet the last block of the body.
+IResNet the last block of the body. timm's EfficientNet (``build_classifier("efficientnet_lite0")``) is
+taken at its head, ``bn2``: the 1x1 head convolution's normalized, activated 7x7 map at 224 px.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -16,6 +18,7 @@ from .adaface import AdaFaceIR
 from .classifiers import Classifier
 from .face import FaceEmbedder
 from .iresnet import IResNet
+from .submodules import find_submodule
 
 _LAYER_OF: list[tuple[type[nn.Module], Callable[[nn.Module], nn.Module]]] = [
     (tv.ResNet, lambda net: net.layer4[-1]),
@@ -37,21 +40,37 @@ _LAYER_OF: list[tuple[type[nn.Module], Callable[[nn.Module], nn.Module]]] = [
 ]
 
 
+def _timm_layer_of() -> list[tuple[type[nn.Module], Callable[[nn.Module], nn.Module]]]:
+    """timm's families; a timm network exists only once timm is imported, so it is not imported here."""
+    if "timm" not in sys.modules:
+        return []
+    from timm.models.efficientnet import EfficientNet
+
+    return [(EfficientNet, lambda net: net.bn2)]
+
+
 def target_layer(model: nn.Module) -> nn.Module:
     """The target layer of ``model``: a :class:`Classifier`, a :class:`FaceEmbedder` or the bare network.
 
-    A network that names its own layer in a ``target_layer`` attribute (e.g. ``SmallCNN``) is taken at its word.
+    A network that names its own layer in a ``target_layer`` attribute (e.g. ``SmallCNN``) is taken at its word,
+    as is one whose ``target_layer_name`` names it (``build_classifier(..., target_layer="blocks.5")``).
     """
     net = model.net if isinstance(model, (Classifier, FaceEmbedder)) else model
     own = getattr(net, "target_layer", None)
     if isinstance(own, nn.Module):
         return own
-    for family, layer_of in _LAYER_OF:
+    chosen = getattr(net, "target_layer_name", None)
+    if chosen is not None:
+        return find_submodule(net, chosen)
+    families = _LAYER_OF + _timm_layer_of()
+    for family, layer_of in families:
         if isinstance(net, family):
             return layer_of(net)
-    known = ", ".join(family.__name__ for family, _ in _LAYER_OF)
+    known = ", ".join(f"{family.__module__.partition('.')[0]} {family.__name__}" for family, _ in families)
     raise ValueError(
-        f"No target layer is known for {type(net).__name__} (known families: {known}). Transformers "
-        "(ViT, Swin, MaxViT) have no (B, C, H, W) layer without a reshape; for other networks pass the layer "
-        "yourself or give the network a target_layer attribute."
+        f"No target layer is known for {type(net).__name__} of {type(net).__module__} (known families: {known}). "
+        "Name the layer, a (B, C, H, W) feature map that the forward pass runs once, by its dotted name: "
+        "explainer.<method>.layer=<name> in explain.py, model.target_layer=<name> for a build_classifier model, "
+        "or the layer argument in Python. Transformers (ViT, Swin, MaxViT) have no such layer without a reshape."
     )
+
