@@ -19,7 +19,8 @@ from sklearn.model_selection import KFold
 
 from fame.data import SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.config import ConfigError
-from fame.lightning.face import FaceRecognizer, build_margin_head, polynomial_decay
+from fame.lightning.face import FaceRecognizer, build_margin_head
+from fame.lightning.schedules import polynomial_decay
 from fame.metrics.verification import kfold_val_at_far, ten_fold_accuracy
 from fame.models import AdaFaceHead, ArcFaceHead, CombinedMarginHead
 from fame.stages.train import check_train_config

@@ -3,7 +3,6 @@ one-line reports of bad input."""
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,18 +124,18 @@ def split_dataset(datamodule, split: str) -> Dataset:
     raise ValueError(f"{type(datamodule).__name__} has no dataset for split {split!r}")
 
 
-def wandb_logger(config: DictConfig, job: str, save_dir: Optional[Path] = None):
-    """An offline-by-default W&B logger writing under the output folder, or None when disabled."""
-    if not config.logger.get("enabled", True):
+def build_logger(config: DictConfig, job: str):
+    """The logger of ``config.logger`` (``configs/logger/``) built from its ``_target_``, named after
+    the stage ``job`` unless the config names it; None when ``logger.enabled`` is false. A W&B
+    logger also records the job type and the whole config."""
+    node = plain(config.get("logger")) or {}
+    if not node.pop("enabled", True) or "_target_" not in node:
         return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_MODE", config.logger.mode)
-    save_dir = Path(save_dir or config.paths.output_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=config.logger.project, name=f"{config.logger.get('name') or job}",
-                       save_dir=str(save_dir), offline=config.logger.mode == "offline", job_type=job,
-                       config=plain(config))
+    node["name"] = node.get("name") or job
+    extra = {"job_type": job, "config": plain(config)} if node["_target_"].endswith("WandbLogger") else {}
+    if node.get("save_dir") is not None:
+        Path(node["save_dir"]).mkdir(parents=True, exist_ok=True)
+    return instantiate(node, "logger", **extra)
 
 
 def finish_wandb(logger: Any) -> None:

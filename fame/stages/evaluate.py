@@ -8,7 +8,6 @@ removal percentage / fraction of a curve, empty for scalar metrics.
 
 from __future__ import annotations
 
-import os
 import warnings
 import zlib
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, plain, trusted_file, validate
+from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, trusted_file, validate
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
 from ..metrics.faithfulness import SUBSTRATES, curve_auc, deletion_curve, rise_fractions, verification_curve
@@ -31,7 +31,7 @@ from ..metrics.road import road_curve
 from ..provenance import checkpoint_digest
 from ..store import DamagedMaps, MapStore
 from ..viz import save_overlay_grid
-from .common import device_of
+from .common import build_logger, device_of
 from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
 from .sanity import plot_sanity, sanity_options, sanity_records
 
@@ -353,14 +353,14 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
 
 
 def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures: Dict[str, Optional[Path]]) -> None:
-    """The summary table, the curves and the example grid to W&B (offline by default)."""
-    if not config.logger.get("enabled", True):
+    """The summary table, the curves and the example grid to the W&B run of ``config.logger`` (offline
+    by default); nothing when the logger is off or not W&B."""
+    logger = build_logger(config, "evaluate")
+    if not isinstance(logger, WandbLogger):
         return
     import wandb
 
-    os.environ.setdefault("WANDB_MODE", config.logger.mode)
-    run = wandb.init(project=config.logger.project, name=config.logger.get("name") or "evaluate", job_type="evaluate",
-                     dir=str(config.paths.output_dir), mode=config.logger.mode, config=plain(config))
+    run = logger.experiment
     logged = {"summary": wandb.Table(dataframe=summary.astype({"level": str}))}
     logged.update({name: wandb.Image(str(path)) for name, path in figures.items() if path is not None})
     run.log(logged)

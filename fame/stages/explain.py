@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import torch
+import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -310,11 +310,10 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
         return store
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
                         num_workers=config.get("num_workers", 0))
-    trainer_options = plain(config.trainer)
     callbacks = [MapWriter(store.path)]
-    if trainer_options.get("enable_progress_bar", True):
+    if config.trainer.get("enable_progress_bar", True):
         callbacks.append(ExplainProgressBar())
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **trainer_options)
+    trainer = instantiate(config.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=callbacks)
     module = ExplainModule(model, methods, store.path)
     trainer.predict(module, loader, return_predictions=False)
     if trainer.is_global_zero:

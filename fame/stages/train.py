@@ -18,7 +18,7 @@ from ..config import ConfigError, Rule, config_digest, config_targets, instantia
 from ..lightning.checkpoints import check_module_checkpoint
 from ..lightning.resume import ExactResume
 from ..viz import save_monitor_curves
-from .common import TASKS, build_datamodule, finish_wandb, wandb_logger
+from .common import TASKS, build_datamodule, build_logger, finish_wandb
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
@@ -186,12 +186,12 @@ def train(config: DictConfig) -> Dict[str, float]:
         with open_dict(config):
             config.data.num_classes = int(datamodule.num_classes)
     module = instantiate(config.module, "module")
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
-    wandb = wandb_logger(config, "train")
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]  # the run folder's log (monitor curves)
+    wandb = build_logger(config, "train")
     if wandb is not None:
         loggers.append(wandb)
-    trainer = L.Trainer(logger=loggers, callbacks=build_callbacks(config), default_root_dir=str(run_dir),
-                        **plain(config.trainer))
+    trainer = instantiate(config.trainer, "trainer", logger=loggers, callbacks=build_callbacks(config),
+                          default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trusted)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
