@@ -272,7 +272,7 @@ def compose_train(*overrides, experiment="ms1m"):
 
 def test_recipe_power_margins_and_thresholds_are_config_values():
     config = compose_train()
-    assert config.module.power == 2.0 and config.module.thresholds == "insightface"
+    assert config.module.scheduler.power == 2.0 and config.module.thresholds == "insightface"
     assert dict(config.module.head) == {"name": "arcface", "scale": 64.0, "margin": 0.5, "fallback": False, "straight_through": False}
     assert compose_train("module/head=cosface").module.head.margin == 0.35
     assert compose_train("module/head=cosface", "module.head.margin=0.4").module.head.margin == 0.4

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..files import plain
 from .checkpoints import load_module_checkpoint
-from .schedules import legacy_optimization, optimization
+from .schedules import legacy_optimization, optimization, plain_specs
 
 #: AdamW with the classifier's defaults (``configs/module/classifier.yaml``).
 ADAMW = MappingProxyType({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4})
@@ -38,7 +38,8 @@ class ImageClassifier(L.LightningModule):
     def __init__(self, model: Dict[str, Any], optimizer: Mapping[str, Any] = ADAMW,
                  scheduler: Optional[Mapping[str, Any]] = ONE_CYCLE, label_smoothing: float = 0.0):
         super().__init__()
-        model, optimizer, scheduler = plain(model), plain(optimizer), plain(scheduler)
+        model = plain(model)
+        optimizer, scheduler = plain_specs(optimizer, scheduler)
         self.save_hyperparameters()
         # build_classifier hands out networks in eval mode; Lightning keeps submodule modes as found.
         self.model = instantiate(model, _convert_="all").train()

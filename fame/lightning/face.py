@@ -34,7 +34,7 @@ from ..models.export import export_onnx, export_state_dict
 from ..models.face import FaceEmbedder, build_face_model
 from ..models.heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .checkpoints import load_module_checkpoint
-from .schedules import legacy_optimization, optimization
+from .schedules import legacy_optimization, optimization, plain_specs
 
 #: Margin heads by the ``name`` of a head spec.
 HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMarginHead, "adaface": AdaFaceHead}
@@ -160,7 +160,7 @@ class FaceRecognizer(L.LightningModule):
             raise ValueError(f"thresholds must be one of {THRESHOLD_PROTOCOLS}, got {thresholds!r}")
         backbone = _plain(backbone, "backbone")
         head = _plain(head, "head")
-        optimizer, scheduler = plain(optimizer), plain(scheduler)
+        optimizer, scheduler = plain_specs(optimizer, scheduler)
         val_sets = None if val_sets is None else [str(name) for name in val_sets]
         self.save_hyperparameters()
         self.embedder = build_face_backbone(backbone, embedding_size).train()  # built in eval mode

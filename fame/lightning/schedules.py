@@ -9,12 +9,14 @@ whether it steps per ``"step"`` or per ``"epoch"``), so a module calls
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch.optim import Optimizer
+
+from ..files import plain
 
 
 def polynomial_decay(step: int, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> float:
@@ -64,6 +66,23 @@ def step_decay(optimizer: Optimizer, total_steps: float, step_epochs: int = 30, 
     """The learning rate times ``gamma`` every ``step_epochs`` epochs (``total_steps`` unused)."""
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
     return {"scheduler": schedule, "interval": "epoch"}
+
+
+def plain_specs(optimizer: Any, scheduler: Any) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    """The optimizer and scheduler specs a module was given, as plain dicts for its hyper-parameters.
+
+    Guards direct Python use of the modules (the entry points check these nodes in
+    :class:`fame.schemas.TrainConfig`): each must be a mapping with a ``_target_``, the scheduler
+    may be None.
+    """
+    optimizer, scheduler = plain(optimizer), plain(scheduler)
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("_target_"), str):
+        raise ValueError("optimizer must be one of the specs of configs/module/optimizer/ (a mapping with a _target_ "
+                         f"such as torch.optim.SGD, called as optimizer(params)), got {optimizer!r}")
+    if scheduler is not None and (not isinstance(scheduler, dict) or not isinstance(scheduler.get("_target_"), str)):
+        raise ValueError("scheduler must be None or one of the specs of configs/module/scheduler/ (a mapping with a "
+                         f"_target_ such as fame.lightning.schedules.cosine), got {scheduler!r}")
+    return optimizer, scheduler
 
 
 def optimization(module: L.LightningModule, optimizer: Mapping[str, Any],

@@ -132,10 +132,11 @@ def build_logger(config: DictConfig, job: str):
     if not node.pop("enabled", True) or "_target_" not in node:
         return None
     node["name"] = node.get("name") or job
-    extra = {"job_type": job, "config": plain(config)} if node["_target_"].endswith("WandbLogger") else {}
+    if node["_target_"].endswith("WandbLogger"):  # the whole config as data: its _target_ nodes are not built
+        node.update(job_type=job, config=plain(config), _recursive_=False)
     if node.get("save_dir") is not None:
         Path(node["save_dir"]).mkdir(parents=True, exist_ok=True)
-    return instantiate(node, "logger", **extra)
+    return instantiate(node, "logger")
 
 
 def finish_wandb(logger: Any) -> None:

@@ -22,62 +22,39 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, trusted_file, validate
+from ..config import ConfigError, check_file_data, config_targets, lookup, trusted_file
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
-from ..metrics.faithfulness import SUBSTRATES, curve_auc, deletion_curve, rise_fractions, verification_curve
+from ..metrics.faithfulness import curve_auc, deletion_curve, rise_fractions, verification_curve
 from ..metrics.localization import LOCALIZATION_METRICS, boxes_to_masks
 from ..metrics.road import road_curve
 from ..provenance import checkpoint_digest
+from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
 from ..viz import save_overlay_grid
 from .common import build_logger, device_of
 from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
-from .sanity import plot_sanity, sanity_options, sanity_records
+from .sanity import plot_sanity, sanity_records
 
-ROAD_ORDERS = {"morf": True, "lerf": False}
-ROAD_IMPUTATIONS = ("zero", "linear")
-FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
-SPLITS = ("train", "val", "test")
+#: Whether each ROAD order (fame.schemas.ROAD_ORDERS) removes the most relevant pixels first.
+MOST_RELEVANT_FIRST = {"morf": True, "lerf": False}
 #: Metric-name suffix of each deletion / insertion protocol: "deletion" (ours), "deletion_rise" (RISE's).
 DELETION_SUFFIXES = {"fame": "", "rise": "_rise"}
-
-EVALUATE_SCHEMA = {
-    "seed": Rule(int, minimum=0),
-    "device": Rule(str),
-    "exclude_empty": Rule(bool),
-    "bootstrap.resamples": Rule(int, minimum=10),
-    "bootstrap.confidence": Rule(float, minimum=0.5, maximum=0.999),
-    "grid_rows": Rule(int, minimum=0),
-}
-
 
 class MissingMapsWarning(UserWarning):
     """Some requested methods are absent from the store or not complete."""
 
 
 def check_evaluate_config(config: DictConfig) -> None:
-    validate(config, EVALUATE_SCHEMA)
-    check_entries(config, "families", allowed=FAMILIES)
-    check_entries(config, "localization.metrics", allowed=sorted(LOCALIZATION_METRICS))
-    check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
-    check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
-    for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
-        check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum), increasing=True)
-    deletion_protocol(config)
-    sanity_options(config)
-    if "road" in config.families and config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
-        raise ConfigError(f"config key 'road.percentages' has the value {list(config.road.percentages)}; "
-                          "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
+    """Validate the evaluate config (:class:`fame.schemas.EvaluateConfig`) before reading any store."""
+    check(EvaluateConfig, config)
 
 
 def deletion_protocol(config: DictConfig) -> str:
-    """``deletion.protocol``, checked: "fame" (black / blurred pixels at ``deletion.fractions``) or
-    "rise" (Petsiuk et al.'s CausalMetric, see fame.metrics.faithfulness); absent means "fame"."""
-    protocol = lookup(config, "deletion.protocol", default="fame")
-    Rule(str, choices=SUBSTRATES, help="fame: black / blurred [0, 1] pixels at deletion.fractions; rise: RISE's "
-         "CausalMetric, one pixel row per step").check("deletion.protocol", protocol)
-    return protocol
+    """``deletion.protocol`` (checked by :class:`fame.schemas.DeletionKeys`): "fame" (black / blurred
+    pixels at ``deletion.fractions``) or "rise" (Petsiuk et al.'s CausalMetric, see
+    fame.metrics.faithfulness); absent means "fame"."""
+    return lookup(config, "deletion.protocol", default="fame")
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
@@ -182,7 +159,7 @@ def classification_rows(config: DictConfig, model: nn.Module, entry: str, maps: 
         percentages = list(config.road.percentages)
         for order in config.road.orders:
             for imputation in config.road.imputations:
-                curves = road_curve(model, images, maps, targets, percentages, ROAD_ORDERS[order], imputation,
+                curves = road_curve(model, images, maps, targets, percentages, MOST_RELEVANT_FIRST[order], imputation,
                                     batch_size=config.batch_size, noise_seeds=sample_seeds(config.seed, ids))
                 name = f"road_{order}_{imputation}"
                 rows += _rows(entry, f"{name}_logit_drop", percentages, curves.logit_drop, ids)

@@ -13,24 +13,25 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
 import lightning as L
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, Rule, check_fame_options, config_targets, instantiate, plain, trusted_file, validate
+from .. import schemas
+from ..config import ConfigError, config_targets, instantiate, plain, trusted_file
 from ..data.modules import collate_items, limited
 from ..explain import FameConfig
-from ..explain.fggb import GRADIENT_OF
 from ..explain.objectives import VERIFICATION_MODES
-from ..explain.registry import MethodResult, get_method, method_names
+from ..explain.registry import MethodResult, get_method
 from ..lightning.checkpoints import load_module_checkpoint
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..provenance import checkpoint_digest, environment
+from ..schemas import ExplainConfig, check, fame_options
 from ..store import MapStore, StoreBusy, StoreClaim
-from .common import TASKS, build_datamodule, split_dataset
+from .common import build_datamodule, split_dataset
 
 SIDES = ("probe", "gallery")
 #: Loader settings that do not change any map: left out of the store's identity.
@@ -39,44 +40,15 @@ LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
 #: so stores begun before configs/explainer/fame.yaml listed them still resume.
 FAME_SPEED_KEYS = ("precision", "channels_last", "compile")
 
-EXPLAIN_SCHEMA = {
-    "seed": Rule(int, minimum=0),
-    "limit": Rule(int, minimum=1, optional=True),
-    "split": Rule(str, choices=("train", "val", "test")),
-    "target": Rule(str, choices=("label", "prediction"), help="the class a classification map explains"),
-    "new_group": Rule(bool),
-    "input_space": Rule(str, choices=("pixels", "normalized"), help="normalized needs a model with normalize/net"),
-    "data.task": Rule(str, choices=TASKS),
-}
-
-
 def selected_methods(config: DictConfig) -> Dict[str, Any]:
-    """The methods to run: the ``explainer`` entries with a ``name`` (their config file was selected).
-
-    Experiment files may tune a method that is not selected (e.g. FAME's blur for 64 px images);
-    such a fragment has no ``name`` and does not add the method.
-    """
-    return {key: options for key, options in (config.get("explainer") or {}).items()
-            if options is not None and "name" in options}
+    """The methods to run: the ``explainer`` entries with a ``name`` (:func:`fame.schemas.selected_methods`)."""
+    return schemas.selected_methods(config.get("explainer"))
 
 
 def check_explain_config(config: DictConfig) -> None:
-    """Validate the explain config, every method name and every FAME option before building anything."""
-    validate(config, EXPLAIN_SCHEMA)
-    task = config.data.task
-    if not selected_methods(config):
-        raise ConfigError(f"no explainer selected; choose some of {method_names(task)}, e.g. explainer=[fame,gradcam]")
-    for name, options in selected_methods(config).items():
-        method = options["name"]
-        if method not in method_names(task):
-            raise ConfigError(f"explainer.{name}: unknown {task} method {method!r}; known: {', '.join(method_names(task))}")
-        if method == "fame":
-            check_fame_options(method_options(options), f"explainer.{name}")
-        if method == "fggb":
-            Rule(str, choices=GRADIENT_OF).check(f"explainer.{name}.gradient_of", options.get("gradient_of", "normalized"))
-    if config.input_space == "normalized" and task != "classification":
-        raise ConfigError("input_space=normalized applies to classifiers; face models normalize inside and are "
-                          "perturbed in [0, 1] pixels")
+    """Validate the explain config (:class:`fame.schemas.ExplainConfig`: every key, method name and
+    FAME option) and that the checkpoint exists, before building anything."""
+    check(ExplainConfig, config)
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
         raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
                           "checkpoint=null to explain the model built from the model config")
@@ -94,7 +66,7 @@ def method_identity(options: Any, key: str) -> Dict[str, Any]:
     values = plain(options)
     if values.get("name") != "fame":
         return values
-    chosen, defaults = check_fame_options(values, key), FameConfig()
+    chosen, defaults = fame_options(values, key), FameConfig()
     return {name: value for name, value in values.items()
             if name not in FAME_SPEED_KEYS or getattr(chosen, name) != getattr(defaults, name)}
 
@@ -203,7 +175,7 @@ def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]
     from ..explain.batching import find_batch_size
 
     fame = selected_methods(config).get("fame")
-    fame_config = check_fame_options(fame, "explainer.fame") if fame is not None else None
+    fame_config = fame_options(fame, "explainer.fame") if fame is not None else None
     verification = config.data.task == "verification"
     image = sample["probe" if verification else "image"]
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")

@@ -35,10 +35,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, lookup
+from ..config import ConfigError, lookup
 from ..data.modules import collate_items
 from ..explain.registry import get_method
-from ..metrics.sanity import RANDOMIZATIONS, cascading_randomization, holds_parameters, layer_blocks
+from ..metrics.sanity import cascading_randomization, holds_parameters, layer_blocks
+from ..schemas import sanity_options
 from .explain import method_options, predicted_classes
 
 SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
@@ -46,26 +47,8 @@ SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
 RANDOMIZATION_METRICS = {"reinit": SANITY_METRICS, "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
 #: How the plot names each randomization.
 RANDOMIZATION_LABELS = {"reinit": "layers re-initialised", "redraw": "layers redrawn from their own mean / std"}
-DEFAULT_RANDOMIZATION = "reinit"
-DEFAULT_SAMPLES = 8
 #: Candidate module names listed in full in an unknown-layer error up to this many.
 LISTED_NAMES = 40
-
-
-def sanity_options(config: Any) -> Tuple[int, Optional[List[str]], str]:
-    """(``sanity.samples``, ``sanity.layers``, ``sanity.randomization``) of the config, checked;
-    defaults 8, null and reinit."""
-    randomization = lookup(config, "sanity.randomization", default=DEFAULT_RANDOMIZATION)
-    Rule(str, choices=RANDOMIZATIONS, help="reinit: reset_parameters() and BatchNorm statistics reset; redraw: "
-         "parameters redrawn from their own mean / std").check("sanity.randomization", randomization)
-    samples = lookup(config, "sanity.samples", default=DEFAULT_SAMPLES)
-    Rule(int, minimum=1).check("sanity.samples", samples)
-    layers = lookup(config, "sanity.layers", default=None)
-    if layers is not None and (not isinstance(layers, list) or not layers
-                               or not all(isinstance(name, str) for name in layers)):
-        raise ConfigError(f"config key 'sanity.layers' has the value {layers!r}; allowed: null (the model's blocks, "
-                          "output first) or a non-empty list of module names, e.g. [fc, layer4, layer3]")
-    return samples, layers, randomization
 
 
 def _parameterized_names(model: nn.Module) -> List[str]:
