@@ -79,7 +79,7 @@ FILE_BUILDERS = (
 HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def file_builders() -> Dict[str, Callable[..., Any]]:
     """:data:`FILE_BUILDERS` by every name that reaches them: the public one
     (``fame.models.SmallCNN``) and the defining module's (``fame.models.cnn.SmallCNN``)."""
@@ -148,7 +148,8 @@ def check_file_data(content: Any, path: Any, key: str, *, trusted: bool = False,
             if "_target_" in node:
                 target = node["_target_"]
                 if not isinstance(target, str) or target not in builders and target not in named:
-                    refuse(f"{where}._target_", f"{target!r}, which is not one of the project's builders (fame.config.FILE_BUILDERS)")
+                    refuse(f"{where}._target_",
+                           f"{target!r}, which is not one of the project's builders (fame.config.FILE_BUILDERS)")
             for name, value in node.items():
                 inner = f"{where}.{name}"
                 if name == "trust" and value not in (None, False):
