@@ -150,7 +150,7 @@ def _batch_sizes(node: Any, prefix: str) -> None:
 class Node(BaseModel):
     """A config node: the keys of a schema are checked, every other key passes through."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow")
 
 
 class EntryConfig(Node):

@@ -16,7 +16,6 @@ from ..config import ConfigError, instantiate, plain
 from ..data.images import CorruptSampleError
 from ..store import StoreError, StoreMismatch
 
-TASKS = ("classification", "verification")
 #: What an entry point reports as one line on stderr with exit status 2: a config value, a missing
 #: file, a store that cannot serve this run (other settings, damaged maps, busy, an old layout), an
 #: unreadable sample.
