@@ -8,7 +8,6 @@ asked of the task object (:func:`fame.tasks.task_of`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -20,10 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import ConfigError, Rule, config_targets, instantiate, lookup, plain, trusted_file
+from .config import ConfigError, config_targets, instantiate, lookup, plain, trusted_file
 from .data.modules import collate_items
 from .lightning.checkpoints import load_module_checkpoint
-from .metrics.sanity import RANDOMIZATIONS, cascading_randomization, holds_parameters, layer_blocks
+from .metrics.sanity import cascading_randomization, holds_parameters, layer_blocks
+from .schemas import sanity_options
+from . import schemas
 from .tasks import Task, explained_inputs, predicted_classes, task_of
 
 #: The keys of an explainer config that build the method rather than configure it.
@@ -31,8 +32,6 @@ BUILD_KEYS = ("_target_", "_partial_")
 #: The sanity check's metric names per randomization: re-initialisation keeps the plain names, the redraw is named.
 RANDOMIZATION_METRICS = {"reinit": ("sanity_spearman", "sanity_ssim"),
                          "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
-DEFAULT_RANDOMIZATION = "reinit"
-DEFAULT_SAMPLES = 8
 #: Candidate module names listed in full in an unknown-layer error up to this many.
 LISTED_NAMES = 40
 
@@ -49,18 +48,19 @@ def build_datamodule(config: DictConfig):
     return instantiate(config.data.datamodule, "data.datamodule")
 
 
-def wandb_logger(config: DictConfig, job: str, save_dir: Optional[Path] = None):
-    """An offline-by-default W&B logger writing under the output folder, or None when disabled."""
-    if not config.logger.get("enabled", True):
+def build_logger(config: DictConfig, job: str):
+    """The logger of ``config.logger`` (``configs/logger/``) built from its ``_target_``, named after
+    the stage ``job`` unless the config names it; None when ``logger.enabled`` is false. A W&B
+    logger also records the job type and the whole config."""
+    node = plain(config.get("logger")) or {}
+    if not node.pop("enabled", True) or "_target_" not in node:
         return None
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_MODE", config.logger.mode)
-    save_dir = Path(save_dir or config.paths.output_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=config.logger.project, name=f"{config.logger.get('name') or job}",
-                       save_dir=str(save_dir), offline=config.logger.mode == "offline", job_type=job,
-                       config=plain(config))
+    node["name"] = node.get("name") or job
+    if node["_target_"].endswith("WandbLogger"):  # the whole config as data: its _target_ nodes are not built
+        node.update(job_type=job, config=plain(config), _recursive_=False)
+    if node.get("save_dir") is not None:
+        Path(node["save_dir"]).mkdir(parents=True, exist_ok=True)
+    return instantiate(node, "logger")
 
 
 def finish_wandb(logger: Any) -> None:
@@ -93,13 +93,8 @@ def explained_model(config: DictConfig) -> nn.Module:
 
 
 def selected_methods(config: DictConfig) -> Dict[str, Any]:
-    """The methods to run: the ``explainer`` entries with a ``name`` (their config file was selected).
-
-    Experiment files may tune a method that is not selected (e.g. FAME's blur for 64 px images);
-    such a fragment has no ``name`` and does not add the method.
-    """
-    return {key: options for key, options in (config.get("explainer") or {}).items()
-            if options is not None and "name" in options}
+    """The methods to run: the ``explainer`` entries with a ``name`` (:func:`fame.schemas.selected_methods`)."""
+    return schemas.selected_methods(config.get("explainer"))
 
 
 def method_options(options: Any) -> Dict[str, Any]:
@@ -108,22 +103,6 @@ def method_options(options: Any) -> Dict[str, Any]:
     for key in ("name", *BUILD_KEYS):
         values.pop(key, None)
     return values
-
-
-def sanity_options(config: Any) -> Tuple[int, Optional[List[str]], str]:
-    """(``sanity.samples``, ``sanity.layers``, ``sanity.randomization``) of the config, checked;
-    defaults 8, null and reinit."""
-    randomization = lookup(config, "sanity.randomization", default=DEFAULT_RANDOMIZATION)
-    Rule(str, choices=RANDOMIZATIONS, help="reinit: reset_parameters() and BatchNorm statistics reset; redraw: "
-         "parameters redrawn from their own mean / std").check("sanity.randomization", randomization)
-    samples = lookup(config, "sanity.samples", default=DEFAULT_SAMPLES)
-    Rule(int, minimum=1).check("sanity.samples", samples)
-    layers = lookup(config, "sanity.layers", default=None)
-    if layers is not None and (not isinstance(layers, list) or not layers
-                               or not all(isinstance(name, str) for name in layers)):
-        raise ConfigError(f"config key 'sanity.layers' has the value {layers!r}; allowed: null (the model's blocks, "
-                          "output first) or a non-empty list of module names, e.g. [fc, layer4, layer3]")
-    return samples, layers, randomization
 
 
 def _parameterized_names(model: nn.Module) -> List[str]:

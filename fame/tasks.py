@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError, instantiate
+from .files import ConfigError, instantiate
 from .data.modules import collate_items, limited, split_dataset
 from .explain.guard import explaining
 from .explain.objectives import VERIFICATION_MODES

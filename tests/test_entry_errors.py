@@ -21,7 +21,7 @@ from fame.data.images import CorruptSampleError
 from fame.stages import explain, train
 from fame.entry import check_group_choices, error_line
 from fame.stages.train import RESUME_KEYS, check_resume_checkpoint
-from fame.store import MapStore, StoreMismatch
+from fame.store import StoreMismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -14,8 +14,8 @@ from fame.lightning.face import (
     FaceRecognizer,
     load_face_recognizer,
     pair_key,
-    polynomial_decay,
 )
+from fame.lightning.schedules import polynomial_decay
 from fame.metrics.verification import verification_report
 from fame.models import FaceEmbedder, build_face_model
 

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from fame.config import ConfigError, UntrustedFileError, check_file_data, instantiate
 from fame.lightning import FaceRecognizer, ImageClassifier, load_face_recognizer
-from fame.lightning.classifier import load_classifier
 from fame.stages import evaluate, explain, train
 from fame.stages.evaluate import store_config
 from fame.pipeline import explained_model
@@ -186,7 +185,7 @@ def test_a_crafted_weights_only_checkpoint_is_refused_by_every_loader(tmp_path, 
     path = save_module(module, tmp_path / "sent.ckpt", **{hyperparameter: crafted(node(victim))})
     module_class = type(module)
     loaders = [lambda: module_class.load_from_checkpoint(path),
-               lambda: (load_classifier if fixture == "classifier" else load_face_recognizer)(path)]
+               lambda: (ImageClassifier.load_from_checkpoint if fixture == "classifier" else load_face_recognizer)(path)]
     for load in loaders:
         with pytest.raises(UntrustedFileError) as refused:
             load()
@@ -231,8 +230,8 @@ def test_trust_or_the_command_line_lets_a_users_own_target_through(tmp_path):
     own = ImageClassifier(model={"_target_": "nets.TinyClassifier", "classes": 4})
     path = save_module(own, tmp_path / "mine.ckpt")
     with pytest.raises(UntrustedFileError, match=r"hyper_parameters.model._target_ = 'nets.TinyClassifier'"):
-        load_classifier(path)
-    for loaded in (load_classifier(path, trust=True),
+        ImageClassifier.load_from_checkpoint(path)
+    for loaded in (ImageClassifier.load_from_checkpoint(path, trust=True),
                    ImageClassifier.load_from_checkpoint(path, named_targets={"nets.TinyClassifier"})):
         assert all(torch.equal(value, own.state_dict()[key]) for key, value in loaded.state_dict().items())
     # explain.py: trust=[PATH], or the same target given on the command line

@@ -32,7 +32,7 @@ def shortcut_data() -> ClassificationDataModule:
 
 def classifier() -> ImageClassifier:
     L.seed_everything(0)
-    return ImageClassifier(model={"name": "small_cnn", "num_classes": 4, "widths": [4, 8, 8, 8]})
+    return ImageClassifier(model={"_target_": "fame.models.SmallCNN", "num_classes": 4, "widths": [4, 8, 8, 8]})
 
 
 def monitor(**options) -> ExplanationMonitor:

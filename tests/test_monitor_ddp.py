@@ -25,7 +25,7 @@ PROBE_COUNTS = (5, 1)
 def validate_with_monitors(out: Path, **trainer_options) -> list:
     """Validate a seeded small CNN on the shortcut data with one monitor per probe count."""
     L.seed_everything(0)
-    module = ImageClassifier(model={"name": "small_cnn", "num_classes": 4, "widths": [4, 8, 8, 8]})
+    module = ImageClassifier(model={"_target_": "fame.models.SmallCNN", "num_classes": 4, "widths": [4, 8, 8, 8]})
     data = ClassificationDataModule(val=ShortcutShapesDataset(9, image_size=32, seed=2, strength=0.0), batch_size=4)
     monitors = [ExplanationMonitor(num_probes=count, fame=FAME, dirpath=str(out / f"probes{count}")) for count in PROBE_COUNTS]
     trainer = L.Trainer(callbacks=monitors, logger=False, enable_progress_bar=False, enable_model_summary=False,

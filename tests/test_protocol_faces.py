@@ -19,7 +19,8 @@ from sklearn.model_selection import KFold
 
 from fame.data import SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.config import ConfigError
-from fame.lightning.face import FaceRecognizer, build_margin_head, polynomial_decay
+from fame.lightning.face import FaceRecognizer, build_margin_head
+from fame.lightning.schedules import polynomial_decay
 from fame.metrics.verification import kfold_val_at_far, ten_fold_accuracy
 from fame.models import AdaFaceHead, ArcFaceHead, CombinedMarginHead
 from fame.stages.train import check_train_config
@@ -271,7 +272,7 @@ def compose_train(*overrides, experiment="ms1m"):
 
 def test_recipe_power_margins_and_thresholds_are_config_values():
     config = compose_train()
-    assert config.module.power == 2.0 and config.module.thresholds == "insightface"
+    assert config.module.scheduler.power == 2.0 and config.module.thresholds == "insightface"
     assert dict(config.module.head) == {"name": "arcface", "scale": 64.0, "margin": 0.5, "fallback": False, "straight_through": False}
     assert compose_train("module/head=cosface").module.head.margin == 0.35
     assert compose_train("module/head=cosface", "module.head.margin=0.4").module.head.margin == 0.4

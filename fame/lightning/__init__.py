@@ -1,6 +1,6 @@
 """LightningModules and callbacks that orchestrate the framework-free explainers."""
 
-from .classifier import ImageClassifier, build_classification_model
+from .classifier import ImageClassifier
 from .face import FaceRecognizer, load_face_recognizer
 from .explain import (
     EmptyMapWarning,
@@ -15,7 +15,6 @@ from .monitor import ExplanationMonitor
 
 __all__ = [
     "ImageClassifier",
-    "build_classification_model",
     "FaceRecognizer",
     "load_face_recognizer",
     "EmptyMapWarning",

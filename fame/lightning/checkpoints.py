@@ -1,5 +1,5 @@
 """Lightning checkpoints are data: read with ``torch.load(weights_only=True)``, and what their
-hyper-parameters name checked by :func:`fame.config.check_file_data` before a module is built.
+hyper-parameters name checked by :func:`fame.files.check_file_data` before a module is built.
 
 ``ImageClassifier.load_from_checkpoint`` and ``FaceRecognizer.load_from_checkpoint`` go through
 :func:`load_module_checkpoint`; ``trust=True`` (``trust=[PATH]`` on the command line) unpickles the
@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 import lightning as L
 import torch
 
-from ..config import ConfigError, UntrustedFileError, check_file_data, trust_hint
+from ..files import ConfigError, UntrustedFileError, check_file_data, trust_hint
 
 HYPER_PARAMETERS = "hyper_parameters"
 
@@ -81,7 +81,7 @@ def check_module_checkpoint(module_class: type, path: str | os.PathLike, *, trus
     """Read ``path`` and check that ``module_class`` may be built from it.
 
     The checkpoint must hold the hyper-parameters ``module_class`` needs (else a one-line error
-    says what it holds), and what they name must pass :func:`fame.config.check_file_data`
+    says what it holds), and what they name must pass :func:`fame.files.check_file_data`
     (``named_targets``: targets the user's own config names). ``overrides`` replace
     hyper-parameters and are not checked (the caller gives them). A class may derive replacements
     from the file's hyper-parameters with a ``hyperparameters_from_checkpoint`` static method (these

@@ -3,58 +3,46 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, Optional
+from types import MappingProxyType
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..config import instantiate
+from ..files import plain
 from .checkpoints import load_module_checkpoint
+from .schedules import legacy_optimization, optimization, plain_specs
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "cosine", "step", "constant")
-
-
-def build_classification_model(spec: Dict[str, Any]) -> nn.Module:
-    """A classifier from a plain spec with a ``_target_`` (e.g. ``fame.models.SmallCNN``,
-    ``fame.models.build_classifier``); the older ``{"name": "small_cnn", ...}`` form is accepted."""
-    spec = dict(spec)
-    if "_target_" in spec:
-        return instantiate(spec, "model")
-    name = spec.pop("name", None)
-    if name == "small_cnn":
-        from ..models.cnn import SmallCNN
-
-        return SmallCNN(**spec)
-    from ..models import build_classifier
-
-    return build_classifier(name, **spec)
+#: AdamW with the classifier's defaults (``configs/module/classifier.yaml``).
+ADAMW = MappingProxyType({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4})
+#: One-cycle per step, 30% warm-up (:func:`fame.lightning.schedules.one_cycle`).
+ONE_CYCLE = MappingProxyType({"_target_": "fame.lightning.schedules.one_cycle", "_partial_": True,
+                              "warmup_fraction": 0.3})
 
 
 class ImageClassifier(L.LightningModule):
     """Cross-entropy training of any classifier; logs loss, top-1 and top-5 accuracy (torchmetrics).
 
-    ``model`` is a plain-dict spec (kept out of OmegaConf so checkpoints load with
-    ``weights_only=True``); the built network is ``self.model``. ``optimizer``: "adamw" or "sgd"
-    (momentum, nesterov); ``schedule``: "onecycle" (warm-up fraction), "cosine" (per step, to 0),
-    "step" (x gamma every ``step_epochs``) or "constant".
+    ``model`` is a plain-dict spec with a ``_target_`` (e.g. ``fame.models.SmallCNN``,
+    ``fame.models.build_classifier``), kept out of OmegaConf so checkpoints load with
+    ``weights_only=True``; the built network is ``self.model``. ``optimizer`` and ``scheduler``
+    are ``_partial_`` specs (``configs/module/optimizer/``, ``configs/module/scheduler/``; see
+    :func:`fame.lightning.schedules.optimization`); ``scheduler=None`` keeps the learning rate
+    constant.
     """
 
-    def __init__(self, model: Dict[str, Any], optimizer: str = "adamw", lr: float = 3e-3,
-                 weight_decay: float = 1e-4, momentum: float = 0.9, nesterov: bool = False,
-                 schedule: str = "onecycle", warmup_fraction: float = 0.3, step_epochs: int = 30,
-                 gamma: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(self, model: Dict[str, Any], optimizer: Mapping[str, Any] = ADAMW,
+                 scheduler: Optional[Mapping[str, Any]] = ONE_CYCLE, label_smoothing: float = 0.0):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        model = plain(model)
+        optimizer, scheduler = plain_specs(optimizer, scheduler)
         self.save_hyperparameters()
         # build_classifier hands out networks in eval mode; Lightning keeps submodule modes as found.
-        self.model = build_classification_model(model).train()
+        self.model = instantiate(model, _convert_="all").train()
         classes = self._num_classes()
         # ModuleDict keys may not shadow nn.Module attributes ("train"): the stage name is a suffix.
         self.top1 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=1) for s in ("train", "val", "test")})
@@ -70,6 +58,12 @@ class ImageClassifier(L.LightningModule):
         ``trust=True`` for a file you made yourself. ``hyperparameters`` replace the file's."""
         return load_module_checkpoint(cls, checkpoint_path, trust=trust, named_targets=named_targets,
                                       map_location=map_location, strict=strict, **hyperparameters)
+
+    @staticmethod
+    def hyperparameters_from_checkpoint(hyperparameters: Mapping[str, Any]) -> Dict[str, Any]:
+        """The optimizer and scheduler specs of a checkpoint that names them by string (the layout
+        before ``configs/module/optimizer/``), so such checkpoints still load and resume."""
+        return legacy_optimization(hyperparameters, nesterov=True)
 
     def _num_classes(self) -> int:
         last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
@@ -104,29 +98,4 @@ class ImageClassifier(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                        weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "constant":
-            return optimizer
-        if hp.schedule == "step":
-            schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_epochs, gamma=hp.gamma)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
-        steps = int(self.trainer.estimated_stepping_batches)
-        if hp.schedule == "cosine":
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        else:
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps,
-                                                           pct_start=hp.warmup_fraction)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def load_classifier(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu", *,
-                    trust: bool = False) -> ImageClassifier:
-    """An ImageClassifier from a Lightning checkpoint, loaded with ``weights_only=True`` (see
-    :meth:`ImageClassifier.load_from_checkpoint`)."""
-    return ImageClassifier.load_from_checkpoint(checkpoint, map_location=map_location, trust=trust)
+        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)

@@ -18,25 +18,32 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Dict, Iterable, List, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from ..config import plain
 from ..data.face_modules import PAIR_KEYS
+from ..files import plain
 from ..metrics.verification import THRESHOLD_PROTOCOLS, verification_report
 from ..models.export import export_onnx, export_state_dict
 from ..models.face import FaceEmbedder, build_face_model
 from ..models.heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .checkpoints import load_module_checkpoint
+from .schedules import legacy_optimization, optimization, plain_specs
 
 #: Margin heads by the ``name`` of a head spec.
 HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMarginHead, "adaface": AdaFaceHead}
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("polynomial", "constant")
+#: arcface_torch's SGD: lr 0.1, momentum 0.9, weight decay 5e-4 on every parameter (``configs/module/face.yaml``).
+SGD = MappingProxyType({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9,
+                        "weight_decay": 5e-4})
+#: arcface_torch's 2022 polynomial decay, power 2, per step (:func:`fame.lightning.schedules.polynomial`).
+POLYNOMIAL = MappingProxyType({"_target_": "fame.lightning.schedules.polynomial", "_partial_": True, "power": 2.0,
+                               "warmup_steps": 0})
 #: The metrics logged per verification set, as ``<stage>/<set>/<name>``.
 SET_METRICS = (
     "acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "kfold_val_at_far", "kfold_val_std", "kfold_far", "pairs"
@@ -62,9 +69,7 @@ def build_face_backbone(spec: Mapping[str, Any], embedding_size: int) -> FaceEmb
     """
     spec = dict(spec)
     if "_target_" in spec:
-        from ..config import instantiate
-
-        embedder = instantiate(spec, "backbone")
+        embedder = instantiate(spec, _convert_="all")
     else:
         if "arch" not in spec:
             raise ValueError(f"the backbone spec needs an 'arch' (see fame.models.face_arch_names()), got {spec!r}")
@@ -87,9 +92,7 @@ def build_margin_head(spec: Optional[Mapping[str, Any]], embedding_size: int, nu
     ``_target_`` spec; None is ArcFace with s = 64, m = 0.5."""
     spec = dict(spec or {"name": "arcface"})
     if "_target_" in spec:
-        from ..config import instantiate
-
-        return instantiate(spec, "head", embedding_size=embedding_size, num_classes=num_classes)
+        return instantiate(spec, embedding_size=embedding_size, num_classes=num_classes, _convert_="all")
     name = spec.pop("name", None)
     if name not in HEADS:
         raise ValueError(f"head name must be one of {sorted(HEADS)}, got {name!r}")
@@ -101,15 +104,6 @@ def pair_key(pair_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(pair_id).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def polynomial_decay(step: int, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> float:
-    """arcface_torch's PolyScheduler factor: ``step / warmup`` during warm-up, then
-    ``(1 - (step - warmup) / (total - warmup)) ** power``, 0 from ``total_steps`` on."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    remaining = 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return max(remaining, 0.0) ** power
-
-
 class FaceRecognizer(L.LightningModule):
     """A face embedder trained through a margin head; verified on pair sets while it trains.
 
@@ -119,8 +113,11 @@ class FaceRecognizer(L.LightningModule):
         head: plain-dict spec of the margin head (see :func:`build_margin_head`); None = ArcFace.
         num_classes: training identities.
         embedding_size: embedding dimensions (the backbone must produce this many).
-        optimizer: "sgd" (momentum) or "adamw"; ``lr``, ``momentum``, ``weight_decay`` as named.
-        schedule: "polynomial" (per step, ``power``, linear warm-up over ``warmup_steps``) or "constant".
+        optimizer: ``_partial_`` spec of the optimizer (``configs/module/optimizer/``); arcface_torch's
+            SGD by default.
+        scheduler: ``_partial_`` spec of the learning-rate schedule (``configs/module/scheduler/``,
+            :mod:`fame.lightning.schedules`); arcface_torch's polynomial decay (power 2) per step by
+            default, None keeps the learning rate constant.
         clip_grad_norm: max L2 norm of the backbone's gradients (arcface_torch clips them to 5);
             None turns it off. The Trainer's ``gradient_clip_val``, if set, applies in addition to
             every parameter.
@@ -148,13 +145,8 @@ class FaceRecognizer(L.LightningModule):
         head: Optional[Dict[str, Any]],
         num_classes: int,
         embedding_size: int = 512,
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        schedule: str = "polynomial",
-        power: float = 2.0,
-        warmup_steps: int = 0,
+        optimizer: Mapping[str, Any] = SGD,
+        scheduler: Optional[Mapping[str, Any]] = POLYNOMIAL,
         clip_grad_norm: Optional[float] = 5.0,
         val_sets: Optional[List[str]] = None,
         folds: int = 10,
@@ -162,18 +154,13 @@ class FaceRecognizer(L.LightningModule):
         thresholds: str = "insightface",
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
         if thresholds not in THRESHOLD_PROTOCOLS:
             raise ValueError(f"thresholds must be one of {THRESHOLD_PROTOCOLS}, got {thresholds!r}")
         backbone = _plain(backbone, "backbone")
         head = _plain(head, "head")
+        optimizer, scheduler = plain_specs(optimizer, scheduler)
         val_sets = None if val_sets is None else [str(name) for name in val_sets]
         self.save_hyperparameters()
         self.embedder = build_face_backbone(backbone, embedding_size).train()  # built in eval mode
@@ -195,11 +182,14 @@ class FaceRecognizer(L.LightningModule):
     @staticmethod
     def hyperparameters_from_checkpoint(hyperparameters: Mapping[str, Any]) -> Dict[str, Any]:
         """The backbone spec without the pretrained weights a run started from (``checkpoint``,
-        ``trust``): the Lightning checkpoint holds the trained ones, and the file may be gone."""
+        ``trust``): the Lightning checkpoint holds the trained ones, and the file may be gone; the
+        optimizer and scheduler specs of a checkpoint that names them by string (the layout before
+        ``configs/module/optimizer/``)."""
+        derived = legacy_optimization(hyperparameters, nesterov=False)
         backbone = hyperparameters.get("backbone")
-        if not isinstance(backbone, Mapping):
-            return {}
-        return {"backbone": {key: value for key, value in backbone.items() if key not in ("checkpoint", "trust")}}
+        if isinstance(backbone, Mapping):
+            derived["backbone"] = {key: value for key, value in backbone.items() if key not in ("checkpoint", "trust")}
+        return derived
 
     @property
     def backbone_arguments(self) -> Dict[str, Any]:
@@ -237,22 +227,7 @@ class FaceRecognizer(L.LightningModule):
             nn.utils.clip_grad_norm_(self.embedder.parameters(), self.hparams.clip_grad_norm)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(parameters, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "constant":
-            return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if total_steps == float("inf"):
-            raise ValueError("the polynomial schedule needs a finite run: set trainer max_steps or max_epochs")
-        total_steps = int(total_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: polynomial_decay(step, total_steps, hp.warmup_steps, hp.power)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # ----------------------------------------------------------------------------- verification
     def _collect_pairs(self, batch: Dict[str, Any], dataloader_idx: int) -> None:

@@ -8,7 +8,6 @@ removal percentage / fraction of a curve, empty for scalar metrics.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -16,35 +15,23 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, Rule, check_entries, check_file_data, config_targets, lookup, plain, trusted_file, validate
+from ..config import ConfigError, check_file_data, config_targets, lookup, trusted_file
 from ..data.modules import collate_items
 from ..lightning.explain import Indexed
-from ..metrics.faithfulness import SUBSTRATES
-from ..metrics.localization import LOCALIZATION_METRICS
-from ..metrics.scoring import ROAD_IMPUTATIONS, ROAD_ORDERS, Scoring
-from ..pipeline import device_of, explained_dataset, explained_model, sanity_options, sanity_records
+from ..metrics.scoring import Scoring
+from ..pipeline import build_logger, device_of, explained_dataset, explained_model, sanity_records
 from ..provenance import checkpoint_digest
+from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
 from ..tasks import task_of
 from ..viz import save_overlay_grid
 from .sanity import plot_sanity
-
-FAMILIES = ("localization", "road", "deletion", "verification", "sanity")
-SPLITS = ("train", "val", "test")
-
-EVALUATE_SCHEMA = {
-    "seed": Rule(int, minimum=0),
-    "device": Rule(str),
-    "exclude_empty": Rule(bool),
-    "bootstrap.resamples": Rule(int, minimum=10),
-    "bootstrap.confidence": Rule(float, minimum=0.5, maximum=0.999),
-    "grid_rows": Rule(int, minimum=0),
-}
 
 
 class MissingMapsWarning(UserWarning):
@@ -52,27 +39,15 @@ class MissingMapsWarning(UserWarning):
 
 
 def check_evaluate_config(config: DictConfig) -> None:
-    validate(config, EVALUATE_SCHEMA)
-    check_entries(config, "families", allowed=FAMILIES)
-    check_entries(config, "localization.metrics", allowed=sorted(LOCALIZATION_METRICS))
-    check_entries(config, "road.orders", allowed=list(ROAD_ORDERS))
-    check_entries(config, "road.imputations", allowed=ROAD_IMPUTATIONS)
-    for key, maximum in (("road.percentages", 100), ("verification.percentages", 100), ("deletion.fractions", 1)):
-        check_entries(config, key, each=Rule(float, minimum=0, maximum=maximum), increasing=True)
-    deletion_protocol(config)
-    sanity_options(config)
-    if "road" in config.families and config.road.percentages[0] != 0:  # the logit drop is measured from the intact image
-        raise ConfigError(f"config key 'road.percentages' has the value {list(config.road.percentages)}; "
-                          "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
+    """Validate the evaluate config (:class:`fame.schemas.EvaluateConfig`) before reading any store."""
+    check(EvaluateConfig, config)
 
 
 def deletion_protocol(config: DictConfig) -> str:
-    """``deletion.protocol``, checked: "fame" (black / blurred pixels at ``deletion.fractions``) or
-    "rise" (Petsiuk et al.'s CausalMetric, see fame.metrics.faithfulness); absent means "fame"."""
-    protocol = lookup(config, "deletion.protocol", default="fame")
-    Rule(str, choices=SUBSTRATES, help="fame: black / blurred [0, 1] pixels at deletion.fractions; rise: RISE's "
-         "CausalMetric, one pixel row per step").check("deletion.protocol", protocol)
-    return protocol
+    """``deletion.protocol`` (checked by :class:`fame.schemas.DeletionKeys`): "fame" (black / blurred
+    pixels at ``deletion.fractions``) or "rise" (Petsiuk et al.'s CausalMetric, see
+    fame.metrics.faithfulness); absent means "fame"."""
+    return lookup(config, "deletion.protocol", default="fame")
 
 
 def store_config(config: DictConfig, store: MapStore) -> DictConfig:
@@ -265,14 +240,14 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
 
 
 def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures: Dict[str, Optional[Path]]) -> None:
-    """The summary table, the curves and the example grid to W&B (offline by default)."""
-    if not config.logger.get("enabled", True):
+    """The summary table, the curves and the example grid to the W&B run of ``config.logger`` (offline
+    by default); nothing when the logger is off or not W&B."""
+    logger = build_logger(config, "evaluate")
+    if not isinstance(logger, WandbLogger):
         return
     import wandb
 
-    os.environ.setdefault("WANDB_MODE", config.logger.mode)
-    run = wandb.init(project=config.logger.project, name=config.logger.get("name") or "evaluate", job_type="evaluate",
-                     dir=str(config.paths.output_dir), mode=config.logger.mode, config=plain(config))
+    run = logger.experiment
     logged = {"summary": wandb.Table(dataframe=summary.astype({"level": str}))}
     logged.update({name: wandb.Image(str(path)) for name, path in figures.items() if path is not None})
     run.log(logged)

@@ -19,15 +19,15 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, Rule, check_fame_options, plain, validate
+from ..config import ConfigError, instantiate, plain
 from ..data.modules import collate_items
 from ..explain import FameConfig
-from ..explain.fggb import GRADIENT_OF
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..pipeline import BUILD_KEYS, explained_dataset, explained_model, method_options, selected_methods
 from ..provenance import checkpoint_digest, environment
+from ..schemas import ExplainConfig, check, fame_options
 from ..store import MapStore, StoreBusy, StoreClaim
-from ..tasks import INPUT_SPACES, task_names, task_of
+from ..tasks import task_of
 
 #: Loader settings that do not change any map: left out of the store's identity.
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
@@ -35,40 +35,10 @@ LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
 #: so stores begun before configs/explainer/fame.yaml listed them still resume.
 FAME_SPEED_KEYS = ("precision", "channels_last", "compile")
 
-EXPLAIN_SCHEMA = {
-    "seed": Rule(int, minimum=0),
-    "limit": Rule(int, minimum=1, optional=True),
-    "split": Rule(str, choices=("train", "val", "test")),
-    "target": Rule(str, choices=("label", "prediction"), help="the class a classification map explains"),
-    "new_group": Rule(bool),
-    "input_space": Rule(str, choices=INPUT_SPACES, help="normalized needs a model with normalize/net"),
-    "data.task": Rule(str, choices=tuple(task_names())),
-}
-
-
 def check_explain_config(config: DictConfig) -> None:
-    """Validate the explain config, every method name and option and every FAME option before building anything."""
-    validate(config, EXPLAIN_SCHEMA)
-    task = task_of(config.data.task)
-    known = task.method_names()
-    if not selected_methods(config):
-        raise ConfigError(f"no explainer selected; choose some of {known}, e.g. explainer=[fame,gradcam]")
-    for name, options in selected_methods(config).items():
-        method = options["name"]
-        if method not in known:
-            raise ConfigError(f"explainer.{name}: unknown {task.name} method {method!r}; known: {', '.join(known)}")
-        if "_target_" not in options:
-            raise ConfigError(f"explainer.{name} has no _target_; a method's config file builds it with "
-                              "_target_: fame.tasks.explainer (configs/explainer/)")
-        try:
-            task.method(method).check_options(method_options(options))
-        except ValueError as error:
-            raise ConfigError(f"explainer.{name}: {error}") from None
-        if method == "fame":
-            check_fame_options(method_options(options), f"explainer.{name}")
-        if method == "fggb":
-            Rule(str, choices=GRADIENT_OF).check(f"explainer.{name}.gradient_of", options.get("gradient_of", "normalized"))
-    task.check_input_space(config.input_space)
+    """Validate the explain config (:class:`fame.schemas.ExplainConfig`: every key, method name and
+    option and FAME option) and that the checkpoint exists, before building anything."""
+    check(ExplainConfig, config)
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
         raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
                           "checkpoint=null to explain the model built from the model config")
@@ -81,7 +51,7 @@ def method_identity(options: Any, key: str) -> Dict[str, Any]:
     values = {name: value for name, value in plain(options).items() if name not in BUILD_KEYS}
     if values.get("name") != "fame":
         return values
-    chosen, defaults = check_fame_options(values, key), FameConfig()
+    chosen, defaults = fame_options(values, key), FameConfig()
     return {name: value for name, value in values.items()
             if name not in FAME_SPEED_KEYS or getattr(chosen, name) != getattr(defaults, name)}
 
@@ -102,7 +72,7 @@ def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]
     from ..explain.batching import find_batch_size
 
     fame = selected_methods(config).get("fame")
-    fame_config = check_fame_options(fame, "explainer.fame") if fame is not None else None
+    fame_config = fame_options(fame, "explainer.fame") if fame is not None else None
     task = task_of(config.data.task)
     image = sample[task.image_key]
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -197,11 +167,10 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
         return store
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
                         num_workers=config.get("num_workers", 0))
-    trainer_options = plain(config.trainer)
     callbacks = [MapWriter(store.path)]
-    if trainer_options.get("enable_progress_bar", True):
+    if config.trainer.get("enable_progress_bar", True):
         callbacks.append(ExplainProgressBar())
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **trainer_options)
+    trainer = instantiate(config.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=callbacks)
     module = ExplainModule(model, methods, store.path)
     trainer.predict(module, loader, return_predictions=False)
     if trainer.is_global_zero:

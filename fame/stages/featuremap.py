@@ -14,31 +14,19 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from ..config import ConfigError, Rule, check_fame_options, validate
 from ..explain import explain_feature_map, feature_map_size
 from ..featuremap import feature_map_sheet, outside_mass_by_location, subset_grid, summarize_layers
 from ..pipeline import explained_dataset, explained_model, selected_methods
+from ..schemas import FeaturemapConfig, check, fame_options
 from ..tasks import explained_inputs, task_of
-
-FEATUREMAP_SCHEMA = {
-    "featuremap.images": Rule(int, minimum=1),
-    "featuremap.max_locations": Rule(int, minimum=1, optional=True),
-    "featuremap.sheet_layer": Rule(str),
-    "featuremap.output_dir": Rule(str),
-}
 
 
 def featuremap(config: DictConfig) -> pd.DataFrame:
     """Outside-cell share of FAME's mass per layer (one row per layer); writes CSV, markdown and sheets."""
-    validate(config, FEATUREMAP_SCHEMA)
+    check(FeaturemapConfig, config)
     settings = config.featuremap
-    fame_options = selected_methods(config).get("fame")
-    if fame_options is None:
-        raise ConfigError("the feature-map experiment needs the fame explainer: explainer=[fame]")
-    fame_config = check_fame_options(fame_options, "explainer.fame")
+    fame_config = fame_options(selected_methods(config)["fame"], "explainer.fame")
     task = task_of(config.data.task)
-    if not task.explains_feature_maps:
-        raise ConfigError("the feature-map experiment explains a classifier's layers: choose a classification data config")
     model = explained_model(config)
     dataset = explained_dataset(config)
     items = [dataset[i] for i in range(min(settings.images, len(dataset)))]

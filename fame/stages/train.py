@@ -14,11 +14,11 @@ from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..config import ConfigError, Rule, config_digest, config_targets, instantiate, lookup, plain, trusted_file, validate
+from ..config import ConfigError, config_digest, config_targets, instantiate, plain, trusted_file
 from ..lightning.checkpoints import check_module_checkpoint
 from ..lightning.resume import ExactResume
-from ..pipeline import build_datamodule, finish_wandb, wandb_logger
-from ..tasks import task_names
+from ..pipeline import build_datamodule, build_logger, finish_wandb
+from ..schemas import TrainConfig, check
 from ..viz import save_monitor_curves
 
 FINISHED = "FINISHED"
@@ -26,35 +26,12 @@ FINISHED = "FINISHED"
 NOT_TRAINING = ("paths", "experiment_name", "logger", "resume", "trust", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
                 "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
-TRAIN_SCHEMA = {
-    "seed": Rule(int, minimum=0),
-    "limit": Rule(int, minimum=1, optional=True),
-    "data.task": Rule(str, choices=tuple(task_names())),
-    "trainer.max_epochs": Rule(int, minimum=1, optional=True),
-}
-MODULE_SCHEMA = {
-    "module.lr": Rule(float, minimum=0.0),
-    "module.weight_decay": Rule(float, minimum=0.0),
-    "module.optimizer": Rule(str, choices=("sgd", "adamw")),
-    "module.thresholds": Rule(str, choices=("insightface", "exact")),
-}
-
-
 def check_train_config(config: DictConfig) -> None:
-    """Validate the training config before anything is built (errors name the key and the allowed values)."""
-    validate(config, TRAIN_SCHEMA)
-    validate(config, MODULE_SCHEMA, optional_keys=MODULE_SCHEMA)
-    schedule = lookup(config, "module.schedule", None)
-    if schedule is not None:
-        from ..lightning.classifier import SCHEDULES
-
-        if lookup(config, "module._target_", "").endswith("ImageClassifier"):
-            Rule(str, choices=SCHEDULES).check("module.schedule", schedule)
-    resume = lookup(config, "resume")
-    if not (resume in ("auto", False) or (isinstance(resume, str) and resume.endswith(".ckpt"))):
-        raise ConfigError(f"config key 'resume' has the value {resume!r}; allowed: auto, false or the path of a .ckpt file")
-    if isinstance(resume, str) and resume != "auto":
-        check_resume_checkpoint(Path(resume))
+    """Validate the training config before anything is built (:class:`fame.schemas.TrainConfig`;
+    errors name the key and the allowed values), and a ``resume=`` file."""
+    check(TrainConfig, config)
+    if isinstance(config.resume, str) and config.resume != "auto":
+        check_resume_checkpoint(Path(config.resume))
 
 
 #: What a Lightning checkpoint needs to resume training (a weights-only one has the state_dict only).
@@ -187,12 +164,12 @@ def train(config: DictConfig) -> Dict[str, float]:
         with open_dict(config):
             config.data.num_classes = int(datamodule.num_classes)
     module = instantiate(config.module, "module")
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
-    wandb = wandb_logger(config, "train")
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]  # the run folder's log (monitor curves)
+    wandb = build_logger(config, "train")
     if wandb is not None:
         loggers.append(wandb)
-    trainer = L.Trainer(logger=loggers, callbacks=build_callbacks(config), default_root_dir=str(run_dir),
-                        **plain(config.trainer))
+    trainer = instantiate(config.trainer, "trainer", logger=loggers, callbacks=build_callbacks(config),
+                          default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trusted)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
