@@ -16,11 +16,10 @@ from fame.report import (
     markdown_table,
     plot_curves,
     plot_sweep,
-    read_sweep_index,
     summarize,
     sweep_table,
-    write_sweep_entry,
 )
+from fame.stages.sweeps import read_sweep_index, write_sweep_entry
 
 LEVELS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 

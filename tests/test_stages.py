@@ -145,7 +145,7 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
 
 
 def test_evaluate_over_a_sweep_index_tables_each_metric_against_the_swept_value(trained):
-    from fame.report import write_sweep_entry
+    from fame.stages.sweeps import write_sweep_entry
 
     output, _ = trained
     index = output / "sweep" / "sweep.jsonl"

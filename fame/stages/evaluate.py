@@ -33,7 +33,8 @@ from ..store import DamagedMaps, MapStore
 from ..viz import save_overlay_grid
 from .common import device_of
 from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
-from .sanity import plot_sanity, sanity_options, sanity_records
+from .sanity import sanity_options, sanity_records
+from .sweeps import read_sweep_index
 
 ROAD_ORDERS = {"morf": True, "lerf": False}
 ROAD_IMPUTATIONS = ("zero", "linear")
@@ -328,7 +329,7 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
         if frame["metric"].str.startswith(prefix).any():
             figures[prefix] = report.plot_curves(summary, prefix, output / f"curves_{prefix}.png")
     if context["sanity_layers"]:
-        figures["sanity"] = plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
+        figures["sanity"] = report.plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
     figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
     print(table)
     print(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
@@ -372,7 +373,7 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     """Every store of a sweep index scored; a table and a plot of each metric against the swept values."""
     from .. import report
 
-    entries = report.read_sweep_index(config.sweep)
+    entries = read_sweep_index(config.sweep)
     if not entries:
         raise ConfigError(f"the sweep index {config.sweep} lists no stores; run explain.py -m first")
     varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])

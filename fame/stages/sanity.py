@@ -13,9 +13,9 @@ step gives long-table rows
 
 comparing the maps after step l (blocks ``layers[:l]`` randomized) with the intact model's maps;
 :func:`sanity_records` also returns the layer name of each step (``layer_names[l - 1]``), which
-:func:`plot_sanity` puts under the x axis. A method whose maps reflect the model falls towards 0;
-one that stays near 1 (the "random", "centre" and "sobel" floors by construction) does not
-depend on the model's weights.
+:func:`fame.report.figures.plot_sanity` puts under the x axis. A method whose maps reflect the
+model falls towards 0; one that stays near 1 (the "random", "centre" and "sobel" floors by
+construction) does not depend on the model's weights.
 
 Config keys read: ``sanity.randomization`` (reinit or redraw, default reinit),
 ``sanity.samples`` (int >= 1, default 8), ``sanity.layers`` (null: the blocks
@@ -26,11 +26,9 @@ names of that model), ``seed`` (the randomized weights; the same for every metho
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -38,14 +36,10 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, Rule, lookup
 from ..data.modules import collate_items
 from ..explain.registry import get_method
-from ..metrics.sanity import RANDOMIZATIONS, cascading_randomization, holds_parameters, layer_blocks
+from ..metrics.sanity import (RANDOMIZATION_METRICS, RANDOMIZATIONS, cascading_randomization, holds_parameters,
+                              layer_blocks)
 from .explain import method_options, predicted_classes
 
-SANITY_METRICS = ("sanity_spearman", "sanity_ssim")
-#: Metric names per randomization: re-initialisation keeps the plain names, the redraw is named.
-RANDOMIZATION_METRICS = {"reinit": SANITY_METRICS, "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
-#: How the plot names each randomization.
-RANDOMIZATION_LABELS = {"reinit": "layers re-initialised", "redraw": "layers redrawn from their own mean / std"}
 DEFAULT_RANDOMIZATION = "reinit"
 DEFAULT_SAMPLES = 8
 #: Candidate module names listed in full in an unknown-layer error up to this many.
@@ -168,61 +162,3 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
     layer_names = [" / ".join(dict.fromkeys(plan["layers"][step] for plan in plans if step < len(plan["layers"])))
                    for step in range(length)]
     return records, layer_names
-
-
-def plot_sanity(summary_or_frame: pd.DataFrame, layer_names: Sequence[str], path: Union[str, Path],
-                methods: Optional[Sequence[str]] = None, confidence: float = 0.95, resamples: int = 1000,
-                seed: int = 0) -> Path:
-    """PNG of the cascading randomization: two panels (Spearman, SSIM), one line per method.
-
-    x = cascade step 1..L labelled with ``layer_names`` (the module randomized at that step, the
-    steps before it kept), y = the mean over samples with its bootstrap band. Takes a
-    :func:`fame.report.summarize` result or the long score table (summarized here with
-    ``confidence``, ``resamples`` and ``seed``); rows of other metrics are ignored. The titles
-    name the randomization of the rows (re-initialisation where both are present).
-    """
-    from .. import report
-
-    present = set(summary_or_frame["metric"])
-    randomization = next((kind for kind, names in RANDOMIZATION_METRICS.items() if present & set(names)), None)
-    if randomization is None:
-        known = [name for names in RANDOMIZATION_METRICS.values() for name in names]
-        raise ValueError(f"no {' or '.join(known)} rows to plot; run the sanity check first")
-    metrics = RANDOMIZATION_METRICS[randomization]
-    table = summary_or_frame[summary_or_frame["metric"].isin(metrics)]
-    if "mean" not in table.columns:
-        table = report.summarize(table, confidence=confidence, resamples=resamples, seed=seed, curve_auc=False)
-    table = table[table["level"].notna()]
-    if table.empty:
-        raise ValueError(f"no {' or '.join(metrics)} curve rows to plot; run the sanity check first")
-    methods = list(methods) if methods is not None else list(dict.fromkeys(table["method"]))
-    steps = int(table["level"].max())
-    labels = [layer_names[k] if k < len(layer_names) else str(k + 1) for k in range(steps)]
-    width = max(4.5, 0.55 * steps + 2.5)
-    figure, axes = report.plt.subplots(1, 2, figsize=(2 * width, 4.0), squeeze=False)
-    spearman, ssim = metrics
-    titles = {spearman: f"Spearman rank correlation with the intact model's maps ({RANDOMIZATION_LABELS[randomization]})",
-              ssim: f"SSIM with the intact model's maps ({RANDOMIZATION_LABELS[randomization]})"}
-    colors = report.plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    handles = {}
-    for axis, metric in zip(axes.flat, metrics):
-        lowest = 0.0
-        for position, method in enumerate(methods):  # a method keeps its colour in both panels
-            line = table[(table["metric"] == metric) & (table["method"] == method)].sort_values("level")
-            if line.empty:
-                continue
-            color = colors[position % len(colors)]
-            handles[method], = axis.plot(line["level"], line["mean"], marker="o", markersize=3, linewidth=1.4,
-                                         color=color, label=method)
-            axis.fill_between(line["level"], line["low"], line["high"], color=color, alpha=0.2, linewidth=0)
-            lowest = min(lowest, float(np.nanmin(line["low"])))
-        axis.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
-        axis.set_ylim(lowest - 0.05, 1.05)
-        axis.set_xticks(range(1, steps + 1))
-        axis.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-        axis.set_xlim(0.7, steps + 0.3)
-        axis.set_xlabel("randomized from the output down to")
-        axis.set_title(titles[metric], fontsize=9)
-        axis.grid(alpha=0.3)
-    axes.flat[0].legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles], fontsize=7)
-    return report._save(figure, path)
