@@ -1,4 +1,4 @@
-"""Model-randomisation sanity check (Adebayo et al., NeurIPS 2018), README, "Evaluating".
+"""Model-randomisation sanity check (Adebayo et al., NeurIPS 2018), docs/method.md#sanity-check.
 
 The layers of a copy of the model are randomized one after the other, from the output down
 ("cascading randomization"); after each step the maps are recomputed and compared with the
