@@ -34,7 +34,7 @@ from ..viz import save_overlay_grid
 from .common import device_of
 from .explain import explained_dataset, explained_model, pair_threshold, predicted_classes
 from .sanity import sanity_options, sanity_records
-from .sweeps import read_sweep_index
+from .sweeps import read_sweep
 
 ROAD_ORDERS = {"morf": True, "lerf": False}
 ROAD_IMPUTATIONS = ("zero", "linear")
@@ -86,7 +86,7 @@ def store_config(config: DictConfig, store: MapStore) -> DictConfig:
 
     The store is data: its data config may name the project's builders and the targets of this
     config's ``data`` only (:func:`fame.config.check_file_data`), unless the user trusts the store,
-    or the sweep index that lists it, with ``trust=[PATH]``.
+    or the sweep folder that holds it, with ``trust=[PATH]``.
     """
     meta = store.meta
     data, split, limit = meta.get("data"), meta.get("split", "test"), meta.get("limit")
@@ -308,7 +308,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
 
 
 def evaluate(config: DictConfig) -> pd.DataFrame:
-    """Score the store (or every store of a sweep index) and write the reports; returns the long table."""
+    """Score the store (or every store of a sweep folder) and write the reports; returns the long table."""
     check_evaluate_config(config)
     if config.get("sweep"):
         return evaluate_sweep(config)
@@ -370,12 +370,12 @@ def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures:
 
 
 def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
-    """Every store of a sweep index scored; a table and a plot of each metric against the swept values."""
+    """Every store of a sweep folder scored; a table and a plot of each metric against the swept values."""
     from .. import report
 
-    entries = read_sweep_index(config.sweep)
+    entries = read_sweep(config.sweep)
     if not entries:
-        raise ConfigError(f"the sweep index {config.sweep} lists no stores; run explain.py -m first")
+        raise ConfigError(f"the sweep folder {config.sweep} holds no jobs; run explain.py -m first")
     varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
                if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
     parameter = varying[0] if len(varying) == 1 else "setting"

@@ -1,83 +1,77 @@
-"""Hydra multirun sweeps of the explain stage: one store per sweep point, listed in a sweep index.
+"""Hydra multirun sweeps of the explain stage: one store per sweep point, in the point's own job folder.
 
-The index (``<sweep dir>/sweep.jsonl``) is JSON lines, one object per sweep point: its ``store``
-and the ``overrides`` that define it; ``evaluate.py sweep=<index>`` reads it back as data.
+Under ``explain.py -m`` each job (sweep point) writes its store to ``<job folder>/maps.zarr``, and
+Hydra records the overrides that define the point in ``<job folder>/.hydra/overrides.yaml``
+(``configs/explain.yaml`` turns Hydra's per-job files on for multirun jobs only, through
+:func:`job_files_subdir`). ``evaluate.py sweep=<sweep folder>`` reads back exactly two plain
+things per job, as data: the override strings and the store path. The ``config.yaml`` Hydra saves
+beside them is never read.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from ..report.statistics import parse_override_value
 
+#: Hydra's per-job folder (its ``output_subdir``) inside each job folder of a multirun.
+JOB_FILES = ".hydra"
+#: The store of a sweep point, inside its job folder.
+STORE_NAME = "maps.zarr"
+
+
+def job_files_subdir(mode: Any) -> Optional[str]:
+    """Hydra's ``output_subdir`` for a run mode: its per-job files for a multirun job, none for a single run."""
+    return JOB_FILES if mode in (RunMode.MULTIRUN, RunMode.MULTIRUN.name) else None
+
 
 def prepare_sweep_job(config: DictConfig) -> None:
-    """Under ``-m``: give this sweep point its own store in the sweep folder and record it in the index.
-
-    The index (``<sweep dir>/sweep.jsonl``) holds one JSON line per point with its store and the
-    overrides that define it; ``evaluate.py sweep=<index>`` reads it. Outside multirun: nothing.
-    """
+    """Under ``-m``: put this sweep point's store in its job folder. Outside multirun: nothing."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    hydra = HydraConfig.get()
-    sweep_dir = Path(hydra.sweep.dir)
-    overrides = dict(override.split("=", 1) for override in hydra.overrides.task if "=" in override)
     with open_dict(config):
-        config.store = str(sweep_dir / str(hydra.job.num) / "maps.zarr")
-        config.sweep_index = str(sweep_dir / "sweep.jsonl")
-    write_sweep_entry(config.sweep_index, config.store, overrides)
+        config.store = str(Path(HydraConfig.get().runtime.output_dir) / STORE_NAME)
 
 
-def write_sweep_entry(index_path: Union[str, Path], store: Union[str, Path], overrides: Mapping[str, Any],
-                      **fields: Any) -> Dict[str, Any]:
-    """Append one sweep point to the index: a JSON line {"store": ..., "overrides": {...}, **fields}.
-
-    The index is JSON lines, one object per sweep point: ``store`` (the path of its map store),
-    ``overrides`` (the Hydra overrides defining the point, e.g. {"explainer.iterations": "25"}) and
-    any extra ``fields``. Safe with many processes appending at once: the line goes out in a single
-    ``write`` on a descriptor opened with O_APPEND, so lines never interleave.
-    """
-    entry = {"store": str(store), "overrides": {str(k): v for k, v in dict(overrides).items()}, **fields}
-    line = (json.dumps(entry, default=str) + "\n").encode("utf-8")
-    index_path = Path(index_path)
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(index_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        written = os.write(descriptor, line)
-    finally:
-        os.close(descriptor)
-    if written != len(line):
-        raise OSError(f"only {written} of {len(line)} bytes of a sweep entry reached {index_path} (disk full?)")
-    return entry
+def _job_order(job: Path) -> Tuple[int, Union[int, str]]:
+    """Job folders by number (Hydra names them by ``hydra.job.num``), other names after them."""
+    return (0, int(job.name)) if job.name.isdigit() else (1, job.name)
 
 
-def read_sweep_index(path: Union[str, Path]) -> List[Dict[str, Any]]:
-    """The sweep points of an index written by :func:`write_sweep_entry`, in the order written.
+def read_overrides(path: Union[str, Path]) -> Dict[str, Any]:
+    """The ``key=value`` overrides of a Hydra ``overrides.yaml`` as {key: value}, numbers as numbers.
 
-    Numeric override values are returned as numbers ("25" -> 25). A store listed more than once
-    (a sweep point rerun) appears once, with its latest entry, at the position of its first.
+    The file is read as plain YAML data (a list of strings); anything else is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no sweep index at {path}; `explain.py -m ...` writes <sweep dir>/sweep.jsonl")
-    entries: Dict[str, Dict[str, Any]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number} is not JSON ({error}): {line[:80]!r}") from None
-        if not isinstance(entry, dict) or "store" not in entry or not isinstance(entry.get("overrides"), dict):
-            raise ValueError(f"{path}, line {number} needs a \"store\" path and an \"overrides\" object, "
-                             f"got {line[:80]!r}")
-        entry["overrides"] = {key: parse_override_value(value) for key, value in entry["overrides"].items()}
-        entries[entry["store"]] = entry
-    return list(entries.values())
+    try:
+        listed = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not YAML ({error})") from None
+    if listed is None:
+        listed = []
+    if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+        raise ValueError(f"{path} should list Hydra overrides as strings (key=value), got {str(listed)[:80]!r}")
+    pairs = (item.split("=", 1) for item in listed if "=" in item)
+    return {key: parse_override_value(value) for key, value in pairs}
+
+
+def read_sweep(folder: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The sweep points of a multirun folder: {"store": path, "overrides": {key: value}} per job.
+
+    A job is a folder holding Hydra's ``.hydra/overrides.yaml``; its store is ``maps.zarr`` beside
+    it. Jobs come in the order of their numbers; numeric override values are numbers ("25" -> 25).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no sweep folder at {folder}; `explain.py -m ...` writes one, "
+                                "<paths.experiment_dir>/multirun by default")
+    jobs = sorted((found.parent.parent for found in folder.glob(f"*/{JOB_FILES}/overrides.yaml")), key=_job_order)
+    return [{"store": str(job / STORE_NAME), "overrides": read_overrides(job / JOB_FILES / "overrides.yaml")}
+            for job in jobs]
