@@ -1,20 +1,21 @@
 """python explain.py [experiment=NAME] [explainer=[fame,gradcam,...]] [key=value ...]: see configs/explain.yaml.
 
-With -m (Hydra multirun) each sweep point writes its own store under the sweep folder and a line
-to its sweep index, which evaluate.py sweep=<index> turns into a table and a plot.
+With -m (Hydra multirun) each sweep point writes its own store into its job folder, beside Hydra's
+record of its overrides; evaluate.py sweep=<sweep folder> turns them into a table and a plot.
 """
 
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fame.entry import check_group_choices, one_line_errors
 from fame.stages import explain, featuremap
-from fame.stages.sweeps import prepare_sweep_job
+from fame.sweeps import job_files_subdir, prepare_sweep_job
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+OmegaConf.register_new_resolver("sweep_job_files", job_files_subdir, replace=True)  # hydra.output_subdir
 
 
 @hydra.main(config_path="configs", config_name="explain", version_base="1.3")

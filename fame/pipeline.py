@@ -22,16 +22,13 @@ from tqdm.auto import tqdm
 from .config import ConfigError, config_targets, instantiate, lookup, plain, trusted_file
 from .data.modules import collate_items
 from .lightning.checkpoints import load_module_checkpoint
-from .metrics.sanity import cascading_randomization, holds_parameters, layer_blocks
+from .metrics.sanity import RANDOMIZATION_METRICS, cascading_randomization, holds_parameters, layer_blocks
 from .schemas import sanity_options
 from . import schemas
 from .tasks import Task, explained_inputs, predicted_classes, task_of
 
 #: The keys of an explainer config that build the method rather than configure it.
 BUILD_KEYS = ("_target_", "_partial_")
-#: The sanity check's metric names per randomization: re-initialisation keeps the plain names, the redraw is named.
-RANDOMIZATION_METRICS = {"reinit": ("sanity_spearman", "sanity_ssim"),
-                         "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
 #: Candidate module names listed in full in an unknown-layer error up to this many.
 LISTED_NAMES = 40
 

@@ -1,4 +1,8 @@
-"""Overlays and image grids of attribution maps."""
+"""Overlays and image grids of attribution maps.
+
+Figures are :class:`matplotlib.figure.Figure` objects (no pyplot, no backend chosen), so they
+draw headless and leave an interactive session's backend alone.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from .report.figures import save_figure
 
 
 def _to_numpy_image(image: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
@@ -38,7 +42,7 @@ def _to_numpy_map(attribution: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
 def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] map over an image: (H, W, 3) float in [0, 1]."""
     picture = _to_numpy_image(image)
-    heat = plt.get_cmap(cmap)(np.clip(_to_numpy_map(attribution), 0.0, 1.0))[..., :3]
+    heat = matplotlib.colormaps[cmap](np.clip(_to_numpy_map(attribution), 0.0, 1.0))[..., :3]
     return (1 - alpha) * picture + alpha * heat
 
 
@@ -52,11 +56,10 @@ def save_overlay_grid(
 ) -> Path:
     """One row per image: the image (with its evidence mask outlined, if given), then one overlay
     per method, titled with the method's name. Written as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     methods = list(maps)
     rows, cols = len(images), 1 + len(methods)
-    figure, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows), squeeze=False)
+    figure = Figure(figsize=(1.9 * cols, 1.9 * rows))
+    axes = figure.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         axes[r, 0].imshow(_to_numpy_image(images[r]))
         if masks is not None:
@@ -72,10 +75,7 @@ def save_overlay_grid(
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
@@ -92,7 +92,8 @@ def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -
     if not any(panels.values()) or "epoch" not in frame.columns:
         return None
     per_epoch = frame.groupby("epoch").mean(numeric_only=True)
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure = Figure(figsize=(15, 4))
+    axes = figure.subplots(1, 3)
     accuracy = axes[0]
     for column, label in (("train/acc_epoch", "train accuracy"), ("val/acc", "validation accuracy"),
                           ("val/acc_mean", "verification accuracy (10-fold)")):
@@ -114,9 +115,4 @@ def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -
         axis.legend(fontsize=8)
     for axis in axes:
         axis.set_xlabel("epoch")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -145,9 +145,10 @@ def test_trust_lets_a_users_own_store_with_a_custom_target_through(tmp_path):
         store_config(config("evaluate", tmp_path), store)
     trusted = store_config(config("evaluate", tmp_path, f"trust=[{store.path}]"), store)
     assert trusted.data.datamodule.test._target_ == "torch.utils.data.Subset"
-    index = tmp_path / "sweep.jsonl"  # trusting a sweep index trusts the stores it lists
-    index.write_text(json.dumps({"store": str(store.path), "overrides": {}}) + "\n")
-    store_config(config("evaluate", tmp_path, f"sweep={index}", f"trust=[{index}]"), store)
+    sweep = tmp_path / "multirun"  # trusting a sweep folder trusts the stores in it
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("- explainer.fame.iterations=2\n")
+    store_config(config("evaluate", tmp_path, f"sweep={sweep}", f"trust=[{sweep}]"), store)
     # a target the user's own config names is not refused in the store either
     named = config("evaluate", tmp_path, "data.datamodule.test._target_=torch.utils.data.Subset")
     assert store_config(named, store).data.datamodule.test.indices == [0, 1, 2, 3]

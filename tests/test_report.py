@@ -1,7 +1,5 @@
-"""Reports: bootstrap summaries, the paper-shaped tables, curve and sweep plots, the sweep index."""
+"""Reports: bootstrap summaries, the paper-shaped tables, curve and sweep plots, the sweep folder reader."""
 
-import json
-import multiprocessing
 
 import numpy as np
 import pandas as pd
@@ -16,11 +14,10 @@ from fame.report import (
     markdown_table,
     plot_curves,
     plot_sweep,
-    read_sweep_index,
     summarize,
     sweep_table,
-    write_sweep_entry,
 )
+from fame.sweeps import read_sweep
 
 LEVELS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
@@ -187,39 +184,33 @@ def test_sweep_table_and_plot(tmp_path):
         plot_sweep(table, "fame.iterations", tmp_path / "x.png", metrics=["nonexistent"])
 
 
-def _append_entries(index, worker, count):
-    for k in range(count):
-        write_sweep_entry(index, f"stores/{worker}-{k}.zarr", {"explainer.iterations": str(k), "worker": worker},
-                          note="x" * 3000)
+def _job(sweep, name, overrides):
+    """A job folder as Hydra's multirun writes it: .hydra/overrides.yaml (and config.yaml, never read)."""
+    files = sweep / name / ".hydra"
+    files.mkdir(parents=True)
+    (files / "overrides.yaml").write_text("".join(f"- {override}\n" for override in overrides))
+    (files / "config.yaml").write_text("store: !!python/object/apply:os.system [echo never]\n")
 
 
-def test_sweep_index_round_trip_with_concurrent_writers(tmp_path):
-    index = tmp_path / "sweep" / "sweep.jsonl"
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_append_entries, args=(index, w, 25)) for w in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-        assert worker.exitcode == 0
-    lines = index.read_text().splitlines()
-    assert len(lines) == 100 and all(json.loads(line)["note"] == "x" * 3000 for line in lines)
-    entries = read_sweep_index(index)
-    assert len(entries) == 100
-    assert {e["overrides"]["explainer.iterations"] for e in entries} == set(range(25))  # numbers again
+def test_a_sweep_folder_is_read_as_data_in_job_order(tmp_path):
+    sweep = tmp_path / "multirun"
+    for number in (10, 2, 0):  # numbered as Hydra numbers jobs, read numerically
+        _job(sweep, str(number), ["explainer=[fame]", f"explainer.fame.iterations={5 * number}",
+                                  "explainer.fame.step_size=0.5", "note=${oc.env:HOME}"])
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    entries = read_sweep(sweep)
+    assert [entry["store"] for entry in entries] == [str(sweep / n / "maps.zarr") for n in ("0", "2", "10")]
+    assert entries[1]["overrides"] == {"explainer": "[fame]", "explainer.fame.iterations": 10,  # numbers again
+                                       "explainer.fame.step_size": 0.5, "note": "${oc.env:HOME}"}  # never resolved
 
 
-def test_sweep_index_keeps_the_latest_entry_of_a_rerun_point_and_explains_bad_lines(tmp_path):
-    index = tmp_path / "sweep.jsonl"
-    write_sweep_entry(index, "a.zarr", {"explainer.step_size": "0.5"})
-    write_sweep_entry(index, "b.zarr", {"explainer.step_size": "1.0"})
-    write_sweep_entry(index, "a.zarr", {"explainer.step_size": "0.25"})
-    entries = read_sweep_index(index)
-    assert [e["store"] for e in entries] == ["a.zarr", "b.zarr"]
-    assert entries[0]["overrides"] == {"explainer.step_size": 0.25}
-    with open(index, "a") as handle:
-        handle.write("{not json\n")
-    with pytest.raises(ValueError, match="line 4 is not JSON"):
-        read_sweep_index(index)
-    with pytest.raises(FileNotFoundError, match="sweep.jsonl"):
-        read_sweep_index(tmp_path / "absent.jsonl")
+def test_a_sweep_folder_that_is_not_plain_data_is_refused(tmp_path):
+    _job(tmp_path, "0", ["a=1"])
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("!!python/object/apply:os.system [echo no]\n")
+    with pytest.raises(ValueError, match="is not YAML"):
+        read_sweep(tmp_path)
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("{a: 1}\n")
+    with pytest.raises(ValueError, match="should list Hydra overrides as strings"):
+        read_sweep(tmp_path)
+    with pytest.raises(FileNotFoundError, match="explain.py -m"):
+        read_sweep(tmp_path / "absent")

@@ -15,9 +15,9 @@ from fame.config import ConfigError
 from fame.explain.registry import get_method
 from fame.metrics.sanity import randomize_parameters_
 from fame.models import Classifier, SmallCNN
+from fame.report import plot_sanity
 from fame.stages.evaluate import complete_entries
 from fame.pipeline import sanity_records
-from fame.stages.sanity import plot_sanity
 from fame.store import MapStore
 
 from literal_baselines import literal_reinitialize

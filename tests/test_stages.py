@@ -144,17 +144,17 @@ def test_explain_resumes_refuses_other_settings_and_evaluate_reports(trained):
     assert "layers redrawn from their own mean / std" in table
 
 
-def test_evaluate_over_a_sweep_index_tables_each_metric_against_the_swept_value(trained):
-    from fame.report import write_sweep_entry
-
+def test_evaluate_over_a_multirun_folder_tables_each_metric_against_the_swept_value(trained):
     output, _ = trained
-    index = output / "sweep" / "sweep.jsonl"
-    for iterations in (2, 4):
-        store = output / "sweep" / str(iterations) / "maps.zarr"
-        explain(config("explain", output, *QUICK_EXPLAIN, "experiment=shapes", "explainer=[fame]", f"store={store}",
-                       f"explainer.fame.iterations={iterations}"))
-        write_sweep_entry(index, store, {"explainer": "[fame]", "explainer.fame.iterations": str(iterations)})
-    scores = evaluate(config("evaluate", output, f"sweep={index}", "families=[localization]", "logger.enabled=false",
+    quick = [override for override in QUICK_EXPLAIN if not override.startswith("explainer.fame.iterations")]
+    swept = subprocess.run([sys.executable, "explain.py", "-m", f"paths.output_dir={output}", *quick, "experiment=shapes",
+                            "explainer=[fame]", "explainer.fame.iterations=2,4"],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert swept.returncode == 0, swept.stderr[-2000:]
+    sweep = output / "shapes" / "multirun"  # Hydra's job folders: <n>/maps.zarr beside <n>/.hydra/overrides.yaml
+    assert sorted(path.name for path in sweep.glob("*/maps.zarr")) == ["maps.zarr", "maps.zarr"]
+    assert not (ROOT / ".hydra").exists()  # a single run writes no Hydra files
+    scores = evaluate(config("evaluate", output, f"sweep={sweep}", "families=[localization]", "logger.enabled=false",
                              f"output_dir={output}/sweep_report", "bootstrap.resamples=20",
                              "exclude_empty=false"))  # the one-epoch model leaves most margins below 0
     assert sorted(scores["explainer.fame.iterations"].unique()) == [2, 4]

@@ -8,6 +8,7 @@ LOTS procedure of Rozsa, Günther & Boult (IJCB 2017). Given a per-sample loss `
     a sample stops once L(x_t) < epsilon (when set) or after T iterations
     map = normalize(blur(|gray(x_T) - gray(x)| / max|gray(x_T) - gray(x)|))
 
+docs/method.md gives the details (#update-rule, #stopping, #map) and the defaults (#defaults).
 Everything here is a pure function of tensors: no Lightning, no I/O.
 """
 
@@ -52,7 +53,7 @@ TASK_EPSILONS = {"classification": None, "feature_map": None, "verification": 0.
 
 @dataclass(frozen=True)
 class FameConfig:
-    """Settings of one FAME run; the defaults are the paper's.
+    """Settings of one FAME run; the defaults are the paper's (docs/method.md#defaults).
 
     step_size:      eta, the largest change of any pixel in one iteration (1/255); finite, > 0.
     iterations:     T, the most gradient steps a sample takes (500).

@@ -1,4 +1,4 @@
-"""The losses FAME descends (the FAME paper, its losses).
+"""The losses FAME descends (the FAME paper; docs/method.md#losses).
 
 Each objective maps a batch of images to one loss per sample and takes ``index``, the positions
 of those images in the original batch, so the engine can drop finished samples.

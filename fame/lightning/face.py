@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from ..data.face_modules import PAIR_KEYS
 from ..files import plain
@@ -104,6 +106,46 @@ def pair_key(pair_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(pair_id).encode(), digest_size=8).digest(), "little", signed=True)
 
 
+class VerificationPairs(Metric):
+    """The verification pairs of one set scored by every process: (scores, labels), each pair once,
+    in the loader's pair order.
+
+    ``update`` takes each batch's pair keys (:func:`pair_key`), cosine scores and labels. The states
+    are lists concatenated across processes (``dist_reduce_fx="cat"``; torchmetrics gathers lists
+    of uneven length). Lightning's DistributedSampler deals the pairs round-robin (rank r gets pairs
+    r, r + W, ...) and pads the last round by repeating pairs, so ordering the gathered pairs by
+    their position within their rank, ranks in order, restores the loader order (the folds are
+    contiguous in it), and the repeats are dropped by pair key.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("keys", "positions", "scores", "labels"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, keys: Tensor, scores: Tensor, labels: Tensor) -> None:
+        start = sum(part.numel() for part in self.keys)
+        self.keys.append(keys)
+        self.positions.append(torch.arange(start, start + keys.numel(), device=keys.device))
+        self.scores.append(scores)
+        self.labels.append(labels)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        if isinstance(self.keys, list) and not self.keys:  # no pairs in any process
+            return torch.zeros(0, device=self.device), torch.zeros(0, dtype=torch.bool, device=self.device)
+        keys, positions, scores, labels = (dim_zero_cat(state) for state in
+                                           (self.keys, self.positions, self.scores, self.labels))
+        order = torch.sort(positions.long(), stable=True).indices  # the cat keeps the ranks in order
+        keys, scores, labels = keys.long()[order], scores[order], labels.long()[order]
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        positions = torch.arange(keys.numel(), device=keys.device)
+        first = torch.full_like(unique_keys, keys.numel()).scatter_reduce_(0, inverse, positions, reduce="amin")
+        first = torch.sort(first).values
+        return scores[first], labels[first].bool()
+
+
 class FaceRecognizer(L.LightningModule):
     """A face embedder trained through a margin head; verified on pair sets while it trains.
 
@@ -165,7 +207,7 @@ class FaceRecognizer(L.LightningModule):
         self.save_hyperparameters()
         self.embedder = build_face_backbone(backbone, embedding_size).train()  # built in eval mode
         self.head = build_margin_head(head, embedding_size, num_classes)
-        self._pairs: Dict[int, List[tuple[Tensor, Tensor, Tensor]]] = {}
+        self._pairs: Dict[int, VerificationPairs] = {}
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
@@ -243,36 +285,17 @@ class FaceRecognizer(L.LightningModule):
         scores = (gallery_embeddings * probe_embeddings).sum(dim=1)
         labels = torch.as_tensor(batch["same"], device=scores.device).long()
         keys = torch.tensor([pair_key(pair_id) for pair_id in batch["id"]], dtype=torch.long, device=scores.device)
-        self._pairs.setdefault(dataloader_idx, []).append((keys, scores, labels))
+        if dataloader_idx not in self._pairs:
+            self._pairs[dataloader_idx] = VerificationPairs().to(self.device)
+        self._pairs[dataloader_idx].update(keys, scores, labels)
 
     def _gather_pairs(self, dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Every rank's (scores, labels) of one set, each pair once, in the loader's pair order.
-
-        A collective: every rank must call it. Lightning's DistributedSampler deals the pairs
-        round-robin (rank r gets pairs r, r + W, ...) and pads the last round by repeating pairs,
-        so interleaving the ranks restores the order (the folds are contiguous in it) and the
-        repeats are dropped by pair id.
-        """
-        parts = self._pairs.get(dataloader_idx, [])
-        empty = torch.zeros(0, device=self.device)
-        keys = torch.cat([part[0] for part in parts]) if parts else empty.long()
-        scores = torch.cat([part[1] for part in parts]) if parts else empty.float()
-        labels = torch.cat([part[2] for part in parts]) if parts else empty.long()
-        if self.trainer.world_size > 1:
-            counts = self.all_gather(torch.tensor(keys.numel(), device=self.device)).reshape(-1)
-            most = int(counts.max())
-            gathered = []
-            for values in (keys, scores, labels):
-                padded = torch.cat([values, values.new_zeros(most - values.numel())])
-                gathered.append(self.all_gather(padded).reshape(len(counts), most))
-            valid = torch.arange(most, device=counts.device)[None, :] < counts[:, None]
-            order = valid.t().reshape(-1)  # position p of rank r comes at p * W + r
-            keys, scores, labels = (values.t().reshape(-1)[order] for values in gathered)
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        positions = torch.arange(keys.numel(), device=keys.device)
-        first = torch.full_like(unique_keys, keys.numel()).scatter_reduce_(0, inverse, positions, reduce="amin")
-        first = torch.sort(first).values
-        return scores[first], labels[first].bool()
+        """Every rank's (scores, labels) of one set, each pair once, in the loader's pair order
+        (:class:`VerificationPairs`). A collective: every rank must call it."""
+        pairs = self._pairs.get(dataloader_idx)
+        if pairs is None:
+            pairs = VerificationPairs().to(self.device)
+        return pairs.compute()
 
     def _set_names(self, num_loaders: int) -> List[str]:
         names = self.hparams.val_sets

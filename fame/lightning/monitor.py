@@ -32,8 +32,8 @@ epoch adds 17 % CPU time. A check costs about as much as 8 training steps of 64 
 
 Under DDP rank r explains probes r, r + W, ...; the results are gathered with
 ``all_gather_object`` (every rank enters it, also with no probes), de-duplicated by sample id, and
-rank zero writes and logs. Random number generator states (python, numpy, torch, CUDA) are saved
-and restored around each check, the model is left as found (train/eval flags, ``requires_grad``,
+rank zero writes and logs. Random number generator states (python, numpy, torch, CUDA once
+initialised) are restored after each check (Lightning's ``isolate_rng``), the model is left as found (train/eval flags, ``requires_grad``,
 gradients: :func:`fame.explain.explaining`), so training is the same with and without the monitor.
 The history (one record per check: ``epoch``, ``step``, ``metrics``, and ``explained``, the
 ``[id, rank]`` pairs gathered) and the last maps (the stability score's reference) are the
@@ -43,18 +43,17 @@ callback's state and travel in checkpoints.
 from __future__ import annotations
 
 import math
-import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.seed import isolate_rng
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
@@ -86,19 +85,6 @@ class Probe:
     masks: Dict[str, Tensor] = field(default_factory=dict)
 
 
-@contextmanager
-def preserved_random_state() -> Iterator[None]:
-    """Restore the python, numpy, torch and (initialised) CUDA generators after the body."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def rank_correlation(current: np.ndarray, previous: np.ndarray) -> float:
@@ -243,7 +229,7 @@ class ExplanationMonitor(L.Callback):
             return None
         log_dir = self.output_dir(trainer)
         start = time.perf_counter()
-        with preserved_random_state(), torch.inference_mode(False), torch.no_grad():
+        with isolate_rng(include_cuda=torch.cuda.is_initialized()), torch.inference_mode(False), torch.no_grad():
             probes = self.probes(trainer)
             share = probes[trainer.global_rank :: trainer.world_size]
             local = self.explain(pl_module, share) if share else []

@@ -1,5 +1,5 @@
 """Scores of attribution maps: localisation against ground truth, faithfulness (deletion / insertion, ROAD),
-sanity checks and face verification (README, "Evaluating")."""
+sanity checks and face verification (docs/method.md#metrics)."""
 
 from .localization import (
     LOCALIZATION_METRICS,
@@ -27,7 +27,7 @@ __all__ = [
     "top_k_intersection",
 ]
 
-from .verification import (  # noqa: E402  (face verification, README, "Evaluating")
+from .verification import (  # noqa: E402  (face verification, docs/method.md#face-recognition-protocol)
     accuracy_at_threshold,
     best_accuracy_threshold,
     eer_threshold,

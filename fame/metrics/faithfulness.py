@@ -1,4 +1,5 @@
-"""Faithfulness of attribution maps by pixel removal: deletion / insertion curves (README, "Evaluating").
+"""Faithfulness of attribution maps by pixel removal: deletion / insertion curves
+(docs/method.md#deletion-and-insertion, #verification-under-removal).
 
 Deletion and insertion (Petsiuk et al., RISE, BMVC 2018): pixels are removed from (deletion) or
 inserted into (insertion) the image in the order of the map, and the target class probability is

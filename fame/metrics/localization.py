@@ -1,4 +1,5 @@
-"""Ground-truth localisation scores of attribution maps against evidence masks (README, "Evaluating").
+"""Ground-truth localisation scores of attribution maps against evidence masks
+(docs/method.md#localisation).
 
 All functions take maps (B, 1, H, W) or (B, H, W) and binary masks of the same spatial size and
 return one score per sample as a tensor on the maps' device.

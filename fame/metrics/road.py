@@ -1,4 +1,4 @@
-"""ROAD: RemOve And Debias (Rong et al., ICML 2022), batched on the device (README, "Evaluating").
+"""ROAD: RemOve And Debias (Rong et al., ICML 2022), batched on the device (docs/method.md#road).
 
 The top P % of pixels of a map are removed and imputed, and the model's target logit, class
 probability and correctness are recorded per P. Two imputations:

@@ -1,4 +1,4 @@
-"""Model-randomisation sanity check (Adebayo et al., NeurIPS 2018), README, "Evaluating".
+"""Model-randomisation sanity check (Adebayo et al., NeurIPS 2018), docs/method.md#sanity-check.
 
 The layers of a copy of the model are randomized one after the other, from the output down
 ("cascading randomization"); after each step the maps are recomputed and compared with the
@@ -33,6 +33,10 @@ from torch import Tensor, nn
 
 #: Ways of randomizing a cascade step (module docstring).
 RANDOMIZATIONS = ("reinit", "redraw")
+#: Score names of the cascade (Spearman, SSIM) per randomization: re-initialisation keeps the plain
+#: names, the redraw is named, so scores name their protocol.
+RANDOMIZATION_METRICS = {"reinit": ("sanity_spearman", "sanity_ssim"),
+                         "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
 
 
 @dataclass

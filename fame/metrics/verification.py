@@ -1,4 +1,5 @@
-"""Face verification scores of similarity scores with genuine/impostor labels.
+"""Face verification scores of similarity scores with genuine/impostor labels
+(docs/method.md#face-recognition-protocol).
 
 Every function takes similarity scores (N,) (higher = more alike, e.g. cosine similarity) and
 labels (N,) (True / 1 = genuine pair, False / 0 = impostor pair).

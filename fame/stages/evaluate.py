@@ -31,7 +31,7 @@ from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
 from ..tasks import task_of
 from ..viz import save_overlay_grid
-from .sanity import plot_sanity
+from ..sweeps import read_sweep
 
 
 class MissingMapsWarning(UserWarning):
@@ -55,7 +55,7 @@ def store_config(config: DictConfig, store: MapStore) -> DictConfig:
 
     The store is data: its data config may name the project's builders and the targets of this
     config's ``data`` only (:func:`fame.config.check_file_data`), unless the user trusts the store,
-    or the sweep index that lists it, with ``trust=[PATH]``.
+    or the sweep folder that holds it, with ``trust=[PATH]``.
     """
     meta = store.meta
     data, split, limit = meta.get("data"), meta.get("split", "test"), meta.get("limit")
@@ -194,7 +194,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
 
 
 def evaluate(config: DictConfig) -> pd.DataFrame:
-    """Score the store (or every store of a sweep index) and write the reports; returns the long table."""
+    """Score the store (or every store of a sweep folder) and write the reports; returns the long table."""
     check_evaluate_config(config)
     if config.get("sweep"):
         return evaluate_sweep(config)
@@ -215,7 +215,7 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
         if frame["metric"].str.startswith(prefix).any():
             figures[prefix] = report.plot_curves(summary, prefix, output / f"curves_{prefix}.png")
     if context["sanity_layers"]:
-        figures["sanity"] = plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
+        figures["sanity"] = report.plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
     figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
     print(table)
     print(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
@@ -256,12 +256,12 @@ def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures:
 
 
 def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
-    """Every store of a sweep index scored; a table and a plot of each metric against the swept values."""
+    """Every store of a sweep folder scored; a table and a plot of each metric against the swept values."""
     from .. import report
 
-    entries = report.read_sweep_index(config.sweep)
+    entries = read_sweep(config.sweep)
     if not entries:
-        raise ConfigError(f"the sweep index {config.sweep} lists no stores; run explain.py -m first")
+        raise ConfigError(f"the sweep folder {config.sweep} holds no jobs; run explain.py -m first")
     varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
                if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
     parameter = varying[0] if len(varying) == 1 else "setting"
