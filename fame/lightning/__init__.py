@@ -12,6 +12,7 @@ from .explain import (
     MissingRows,
 )
 from .monitor import ExplanationMonitor
+from .score import ScoreModule, ScoreWriter
 
 __all__ = [
     "ImageClassifier",
@@ -26,4 +27,6 @@ __all__ = [
     "MapWriter",
     "MissingRows",
     "ExplanationMonitor",
+    "ScoreModule",
+    "ScoreWriter",
 ]
