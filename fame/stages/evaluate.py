@@ -277,7 +277,8 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     writer = ScoreWriter(Path(config.output_dir) / f".scores-{store_key(store)}")
     trainer = scoring_trainer(config, writer)
     device = trainer.strategy.root_device  # this process's device: the threshold and the sanity check run on it
-    dataset = explained_dataset(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)  # as explain.py: every rank builds the same model
+    dataset = explained_dataset(config)                            # (checkpoint=null with random initialisation)
     model = explained_model(config).to(device)
     excluded: Dict[str, List[str]] = {}
     if config.exclude_empty:  # every method is scored on the same samples: drop the union
