@@ -7,15 +7,21 @@ process's, and in float32 the batch composition changes the convolutions' summat
 "In Python"), e.g. a ROAD logit drop of -5.2182004e-05 against -5.2180141e-05.
 """
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
 
+from fame.data.modules import collate_items
+from fame.lightning import Indexed, ScoreModule, ScoreWriter
 from fame.models import build_face_model
 from fame.models.export import export_state_dict
 from fame.stages import evaluate, explain
@@ -93,3 +99,37 @@ def test_two_forked_ranks_score_verification_pairs_as_one_process(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "forked" / "scores.csv"), single)
     assert {"verification_deletion_auc", "verification_insertion_auc"} <= set(single["metric"])
     assert single["sample_id"].nunique() == 5
+
+
+def test_score_writer_keeps_one_copy_of_a_repeated_row_in_dataset_order(tmp_path):
+    """A padding sampler (DistributedSampler repeats rows to even out the ranks) hands row 2 twice;
+    the merge keeps it once and puts the samples in dataset order."""
+    samples = [{"id": f"s{i}", "x": torch.tensor([float(i)])} for i in range(3)]
+
+    def score_batch(batch):
+        return [{"method": "m", "metric": metric, "level": level, "value": float(x) * scale, "sample_id": sid}
+                for sid, x in zip(batch["id"], batch["x"][:, 0])
+                for metric, level, scale in (("curve", 0.5, 1 / 3), ("scalar", math.nan, 1.0))]
+
+    writer = ScoreWriter(tmp_path / "rows")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[writer])
+    loader = DataLoader(Indexed(samples), sampler=[2, 0, 1, 2], batch_size=2, collate_fn=collate_items)
+    trainer.predict(ScoreModule(torch.nn.Identity(), score_batch), loader, return_predictions=False)
+    rows = writer.merge(trainer.world_size, [0, 1, 2])
+    assert [(row["sample_id"], row["metric"]) for row in rows] == [
+        (f"s{i}", metric) for i in range(3) for metric in ("curve", "scalar")]
+    assert [row["value"] for row in rows if row["metric"] == "curve"] == [0.0, 1 / 3, 2 / 3]  # floats read back exactly
+    assert all(math.isnan(row["level"]) for row in rows if row["metric"] == "scalar")
+    assert not (tmp_path / "rows").exists()
+
+
+def test_score_writer_names_samples_no_rank_scored(tmp_path):
+    writer = ScoreWriter(tmp_path / "rows")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[writer])
+    samples = [{"id": f"s{i}", "x": torch.tensor([float(i)])} for i in range(2)]
+    loader = DataLoader(Indexed(samples), batch_size=2, collate_fn=collate_items)
+    trainer.predict(ScoreModule(torch.nn.Identity(), lambda batch: []), loader, return_predictions=False)
+    with pytest.raises(RuntimeError, match=r"1 samples were not scored by any rank, e.g. dataset rows \[5\]"):
+        writer.merge(trainer.world_size, [0, 1, 5])

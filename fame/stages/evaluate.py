@@ -277,8 +277,9 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     writer = ScoreWriter(Path(config.output_dir) / f".scores-{store_key(store)}")
     trainer = scoring_trainer(config, writer)
     device = trainer.strategy.root_device  # this process's device: the threshold and the sanity check run on it
-    L.seed_everything(config.seed, workers=True, verbose=False)  # as explain.py: every rank builds the same model
-    dataset = explained_dataset(config)                            # (checkpoint=null with random initialisation)
+    # as explain.py: every rank builds the same model, one of random initialisation (checkpoint=null) included
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    dataset = explained_dataset(config)
     model = explained_model(config).to(device)
     excluded: Dict[str, List[str]] = {}
     if config.exclude_empty:  # every method is scored on the same samples: drop the union
@@ -299,8 +300,8 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
         print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
     records: List[Dict[str, Any]] = []
     sanity_layers: List[str] = []
+    # first: its layer names are checked here; once, on the process that writes the reports (rank zero)
     if task == "classification" and "sanity" in config.families and rank_zero_only.rank == 0:
-        # first: its layer names are checked here; on the process that reports only
         scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
         records, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
 
