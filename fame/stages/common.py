@@ -1,4 +1,4 @@
-"""Pieces every stage uses: devices, loggers, datasets of a data config, and the entry points'
+"""Pieces every stage uses: loggers, datasets of a data config, and the entry points'
 one-line reports of bad input."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
@@ -96,13 +95,6 @@ def check_group_choices(arguments: Sequence[str], config_dir: Path, script: str)
             print(f"{script}: unknown {override.key_or_group} {', '.join(map(repr, unknown))}; known: {', '.join(known)}",
                   file=sys.stderr)
             sys.exit(2)
-
-
-def device_of(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_datamodule(config: DictConfig):
