@@ -33,13 +33,6 @@ BUILD_KEYS = ("_target_", "_partial_")
 LISTED_NAMES = 40
 
 
-def device_of(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_datamodule(config: DictConfig):
     """The LightningDataModule of ``config.data.datamodule``."""
     return instantiate(config.data.datamodule, "data.datamodule")

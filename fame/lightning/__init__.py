@@ -12,6 +12,7 @@ from .explain import (
     MissingRows,
 )
 from .monitor import ExplanationMonitor
+from .score import ScoreModule, ScoreWriter
 
 __all__ = [
     "ImageClassifier",
@@ -25,4 +26,6 @@ __all__ = [
     "MapWriter",
     "MissingRows",
     "ExplanationMonitor",
+    "ScoreModule",
+    "ScoreWriter",
 ]

@@ -8,24 +8,27 @@ removal percentage / fraction of a curve, empty for scalar metrics.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from ..config import ConfigError, check_file_data, config_targets, lookup, trusted_file
+from ..config import ConfigError, check_file_data, config_targets, instantiate, lookup, plain, trusted_file
 from ..data.modules import collate_items
-from ..lightning.explain import Indexed
+from ..lightning.explain import ExplainProgressBar, Indexed
+from ..lightning.score import ScoreModule, ScoreWriter
 from ..metrics.scoring import Scoring
-from ..pipeline import build_logger, device_of, explained_dataset, explained_model, sanity_records
+from ..pipeline import build_logger, explained_dataset, explained_model, sanity_records
 from ..provenance import checkpoint_digest
 from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
@@ -130,6 +133,28 @@ def select_samples(value: Any, keep: List[int], size: int) -> Any:
     return value
 
 
+def scoring_trainer(config: DictConfig, writer: ScoreWriter) -> L.Trainer:
+    """The Trainer that scores the maps (``Trainer.predict``): keyword arguments from the config's
+    ``trainer`` group (configs/trainer/predict.yaml by default; trainer=cpu_ddp / ddp for several
+    processes), ``precision`` included; ``device`` other than auto sets the accelerator (cpu, cuda,
+    mps) and, for ``cuda:N``, the GPU."""
+    options = plain(config.trainer)
+    if config.device != "auto":
+        device = torch.device(config.device)
+        options["accelerator"] = device.type
+        if device.index is not None:
+            options["devices"] = [device.index]
+    callbacks = [writer]
+    if options.get("enable_progress_bar", True):
+        callbacks.append(ExplainProgressBar())
+    return instantiate(options, "trainer", logger=False, enable_checkpointing=False, callbacks=callbacks)
+
+
+def store_key(store: MapStore) -> str:
+    """A short name of the store's path, the same on every rank: the folder of its scores' rank files."""
+    return hashlib.sha256(str(Path(store.path).resolve()).encode()).hexdigest()[:12]
+
+
 def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     """The long table of every score of every complete entry of the store, and what was left out."""
     config = store_config(config, store)
@@ -138,7 +163,11 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     if not entries:
         raise ConfigError(f"the store {store.path} has no complete maps to evaluate (methods {store.methods})")
     check_checkpoint(config, store, entries)
-    device = device_of(config.device)
+    writer = ScoreWriter(Path(config.output_dir) / f".scores-{store_key(store)}")
+    trainer = scoring_trainer(config, writer)
+    device = trainer.strategy.root_device  # this process's device: the threshold and the sanity check run on it
+    # as explain.py: every rank builds the same model, one of random initialisation (checkpoint=null) included
+    L.seed_everything(config.seed, workers=True, verbose=False)
     dataset = explained_dataset(config)
     model = explained_model(config).to(device)
     excluded: Dict[str, List[str]] = {}
@@ -156,17 +185,21 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
                         collate_fn=collate_items, shuffle=False)
     threshold = None
     pair = task.pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
-    if pair is not None:
+    if pair is not None:  # on every rank: each one's batches are scored at this threshold
         threshold, eer = pair
         print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
     scoring = scoring_of(config)
     records: List[Dict[str, Any]] = []
     sanity_layers: List[str] = []
-    if "sanity" in task.families and "sanity" in config.families:  # first: its layer names are checked here
+    # first: its layer names are checked here; once, on the process that writes the reports (rank zero)
+    if "sanity" in task.families and "sanity" in config.families and rank_zero_only.rank == 0:
         scored = rows[~np.isin(rows, store.rows(left_out))] if left_out else rows  # what every method is scored on
         records, sanity_layers = sanity_records(config, model, store, entries, dataset, scored, device)
-    for batch in tqdm(loader, desc="evaluate", unit="batch"):
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def score_batch(batch: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The rows of one batch (on the device) of every entry."""
+        device = batch["index"].device
+        batch_records: List[Dict[str, Any]] = []
         ids = [str(i) for i in batch["id"]]
         targets_of = task.batch_targets(model, batch)
         for entry in entries:
@@ -179,17 +212,22 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             except DamagedMaps as error:  # one line naming the rows and ids: explain.py recomputes them
                 raise ConfigError(str(error)) from None
             part = {k: select_samples(v, keep, len(ids)) for k, v in batch.items()}
-            records += scoring.localization_rows(entry, maps, part, kept_ids, task.mask_side(entry))
+            batch_records += scoring.localization_rows(entry, maps, part, kept_ids, task.mask_side(entry))
             targets = targets_of(store.method_settings(entry).get("target", "label"))
-            records += task.score_rows(scoring, model, entry, maps, part, None if targets is None else targets[keep],
-                                       threshold, kept_ids)
+            batch_records += task.score_rows(scoring, model, entry, maps, part,
+                                             None if targets is None else targets[keep], threshold, kept_ids)
+        return batch_records
+
+    trainer.predict(ScoreModule(model, score_batch), loader, return_predictions=False)
+    if trainer.is_global_zero:
+        records += writer.merge(trainer.world_size, rows)
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
-    if left_out:
+    if left_out and trainer.is_global_zero:
         print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
               f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
     context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
                "task": task.name, "threshold": threshold, "dataset": dataset, "rows": rows,
-               "sanity_layers": sanity_layers}
+               "sanity_layers": sanity_layers, "reports": trainer.is_global_zero}
     return frame, context
 
 
@@ -202,6 +240,8 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
 
     store = MapStore(config.store)
     frame, context = score_store(config, store)
+    if not context["reports"]:  # another rank of a DDP run: rank zero writes the reports
+        return frame
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     frame.to_csv(output / "scores.csv", index=False)
@@ -265,15 +305,17 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
                if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
     parameter = varying[0] if len(varying) == 1 else "setting"
-    frames, missing = {}, {}
+    frames, missing, reports = {}, {}, True
     for entry in entries:
         overrides = entry["overrides"]
         value = (overrides.get(parameter) if parameter != "setting"
                  else ", ".join(f"{k}={overrides.get(k)}" for k in varying) or entry["store"])
         frame, context = score_store(config, MapStore(entry["store"]))
-        frames[value] = frame
+        frames[value], reports = frame, context["reports"]
         if context["missing"]:
             missing[value] = context["missing"]
+    if not reports:  # another rank of a DDP run: rank zero writes the reports
+        return pd.concat([f.assign(**{parameter: value}) for value, f in frames.items()], ignore_index=True)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     table = report.sweep_table(frames, parameter, confidence=config.bootstrap.confidence,
