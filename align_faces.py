@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="aligned crops are written here under the same relative paths")
     parser.add_argument("--landmarks", help="CSV (path,x1,y1,...,x5,y5) or JSON file of five landmarks per image")
     parser.add_argument("--model-root", help="folder with the insightface pack's ONNX files")
-    parser.add_argument("--pack", default=DEFAULT_PACK, help="model pack under ~/.insightface/models (default %(default)s)")
+    parser.add_argument(
+        "--pack", default=DEFAULT_PACK, help="model pack under ~/.insightface/models (default %(default)s)"
+    )
     parser.add_argument("--image-size", type=int, default=112, help="crop size, a multiple of 112 or 128")
     parser.add_argument("--det-size", type=int, default=640, help="detector input size")
     parser.add_argument("--det-thresh", type=float, default=0.5, help="detector score threshold")

@@ -6,8 +6,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fame.stages import train
 from fame.entry import check_group_choices, one_line_errors
+from fame.stages import train
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -88,13 +88,15 @@ def setting_name(precision: str, channels_last: bool, compiled: bool) -> str:
 def agreement_figures(maps: torch.Tensor, reference: torch.Tensor) -> dict:
     agreement = map_agreement(maps, reference)
     spearman = agreement["spearman"]
-    return {"spearman_median": float(spearman.quantile(0.5)), "spearman_p5": float(spearman.quantile(0.05)),
-            "max_abs_difference": float(agreement["max_abs_difference"].max())}
+    return {
+        "spearman_median": float(spearman.quantile(0.5)),
+        "spearman_p5": float(spearman.quantile(0.05)),
+        "max_abs_difference": float(agreement["max_abs_difference"].max()),
+    }
 
 
 def meets_bar(row: dict) -> bool:
-    return (row.get("spearman_median", 0) >= AGREEMENT_BAR["median"]
-            and row.get("spearman_p5", 0) >= AGREEMENT_BAR["p5"])
+    return row.get("spearman_median", 0) >= AGREEMENT_BAR["median"] and row.get("spearman_p5", 0) >= AGREEMENT_BAR["p5"]
 
 
 class Report:
@@ -109,10 +111,17 @@ class Report:
         self.markdown_path = out / f"fame_speed_{tag}.md"
         out.mkdir(parents=True, exist_ok=True)
         self.figures = {
-            "device": str(device), "device_name": name, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "quick": args.quick, "iterations": args.iterations, "agreement_bar": AGREEMENT_BAR, "sections": {},
+            "device": str(device),
+            "device_name": name,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+            "quick": args.quick,
+            "iterations": args.iterations,
+            "agreement_bar": AGREEMENT_BAR,
+            "sections": {},
         }
 
     def section(self, name: str, description: str) -> list:
@@ -122,8 +131,9 @@ class Report:
 
     def add(self, rows: list, row: dict) -> None:
         rows.append(row)
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+        print(
+            "  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True
+        )
         self.write()
 
     def write(self) -> None:
@@ -153,23 +163,37 @@ class Report:
         """The fastest ResNet-50 setting whose maps meet the bar on ResNet-50 and on the trained
         ResNet-18; a setting without a trained-network row has no evidence there and is not named."""
         trained = self._trained_rows()
-        return self._fastest([row for row in self._resnet50_rows_meeting_bar()
-                              if row["setting"] in trained and meets_bar(trained[row["setting"]])])
+        return self._fastest(
+            [
+                row
+                for row in self._resnet50_rows_meeting_bar()
+                if row["setting"] in trained and meets_bar(trained[row["setting"]])
+            ]
+        )
 
     def faster_checked_on_resnet50_only(self):
         """The fastest setting quicker than ``fastest_meeting_bar`` that meets the bar on ResNet-50 but
         was not run on the trained network (the compiled one is measured on ResNet-50 only), or None."""
         trained, best = self._trained_rows(), self.fastest_meeting_bar()
-        return self._fastest([row for row in self._resnet50_rows_meeting_bar() if row["setting"] not in trained
-                              and (best is None or row["images_per_s"] > best["images_per_s"])])
+        return self._fastest(
+            [
+                row
+                for row in self._resnet50_rows_meeting_bar()
+                if row["setting"] not in trained and (best is None or row["images_per_s"] > best["images_per_s"])
+            ]
+        )
 
     def markdown(self) -> str:
         f = self.figures
-        lines = [f"# FAME speed on {f['device_name']}", "",
-                 f"torch {f['torch']}, CUDA {f['cuda']}, cuDNN {f['cudnn']}, torchvision {f['torchvision']}, "
-                 f"Python {f['python']}{' (quick mode)' if f['quick'] else ''}. Agreement: per-map Spearman against "
-                 f"the float32 maps of the same images; bar: median >= {AGREEMENT_BAR['median']}, "
-                 f"5th percentile >= {AGREEMENT_BAR['p5']}.", ""]
+        lines = [
+            f"# FAME speed on {f['device_name']}",
+            "",
+            f"torch {f['torch']}, CUDA {f['cuda']}, cuDNN {f['cudnn']}, torchvision {f['torchvision']}, "
+            f"Python {f['python']}{' (quick mode)' if f['quick'] else ''}. Agreement: per-map Spearman against "
+            f"the float32 maps of the same images; bar: median >= {AGREEMENT_BAR['median']}, "
+            f"5th percentile >= {AGREEMENT_BAR['p5']}.",
+            "",
+        ]
         for name, section in f["sections"].items():
             rows = section["rows"]
             lines += [f"## {name}", "", section["description"], ""]
@@ -184,17 +208,22 @@ class Report:
             lines.append("")
         best = f.get("fastest_meeting_bar")
         if best:
-            lines.append(f"Fastest setting meeting the agreement bar on both networks (ResNet-50 and the trained "
-                         f"ResNet-18): **{best['setting']}** ({best['images_per_s']:.1f} images/s on ResNet-50).")
+            lines.append(
+                f"Fastest setting meeting the agreement bar on both networks (ResNet-50 and the trained "
+                f"ResNet-18): **{best['setting']}** ({best['images_per_s']:.1f} images/s on ResNet-50)."
+            )
         unchecked = f.get("faster_checked_on_resnet50_only")
         if unchecked:
-            lines.append(f"Faster, meeting the bar on ResNet-50 but not run on the trained ResNet-18: "
-                         f"{unchecked['setting']} ({unchecked['images_per_s']:.1f} images/s).")
+            lines.append(
+                f"Faster, meeting the bar on ResNet-50 but not run on the trained ResNet-18: "
+                f"{unchecked['setting']} ({unchecked['images_per_s']:.1f} images/s)."
+            )
         return "\n".join(lines) + "\n"
 
 
-def compare_settings(report: Report, rows: list, model, images, targets, base: FameConfig, settings, batch: int,
-                     reference=None):
+def compare_settings(
+    report: Report, rows: list, model, images, targets, base: FameConfig, settings, batch: int, reference=None
+):
     """Time every setting on the same images; agreement against ``reference`` maps, by default the
     first (float32) setting's."""
     device = images.device
@@ -208,16 +237,25 @@ def compare_settings(report: Report, rows: list, model, images, targets, base: F
             warm_up = time.perf_counter() - warm_start
 
             def run():
-                return torch.cat([explain_classification(model, images[i : i + batch], targets[i : i + batch], config)
-                                  for i in range(0, len(images), batch)])
+                return torch.cat(
+                    [
+                        explain_classification(model, images[i : i + batch], targets[i : i + batch], config)
+                        for i in range(0, len(images), batch)
+                    ]
+                )
 
             seconds, maps, peak = timed(run, device)
         except Exception as error:  # a setting that fails is a result too
             traceback.print_exc()
             report.add(rows, {"setting": name, "error": f"{type(error).__name__}: {str(error)[:200]}"})
             continue
-        row = {"setting": name, "images_per_s": len(images) / seconds, "seconds": seconds,
-               "warm_up_s": warm_up, "peak_memory_gib": peak}
+        row = {
+            "setting": name,
+            "images_per_s": len(images) / seconds,
+            "seconds": seconds,
+            "warm_up_s": warm_up,
+            "peak_memory_gib": peak,
+        }
         if reference is None:
             reference = maps
         row.update(agreement_figures(maps, reference))
@@ -228,8 +266,11 @@ def compare_settings(report: Report, rows: list, model, images, targets, base: F
 
 def run_resnet50(report, args, device, settings):
     size = 32 if args.quick else 224
-    rows = report.section("resnet50", f"torchvision ResNet-50, random weights, {size} px, {args.iterations} "
-                                      f"iterations, no early stop, {args.images} images in batches of {args.batch_size}")
+    rows = report.section(
+        "resnet50",
+        f"torchvision ResNet-50, random weights, {size} px, {args.iterations} "
+        f"iterations, no early stop, {args.images} images in batches of {args.batch_size}",
+    )
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).to(device).eval()
     generator = torch.Generator().manual_seed(0)
@@ -237,8 +278,9 @@ def run_resnet50(report, args, device, settings):
     targets = torch.randint(0, 1000, (args.images,), generator=generator).to(device)
     config = FameConfig(iterations=args.iterations, epsilon=None, **scaled_blur(size))
     reference = compare_settings(report, rows, model, images, targets, config, settings, args.batch_size)
-    return lambda later: compare_settings(report, rows, model, images, targets, config, later, args.batch_size,
-                                          reference)
+    return lambda later: compare_settings(
+        report, rows, model, images, targets, config, later, args.batch_size, reference
+    )
 
 
 def run_trained(report, args, device, settings):
@@ -250,9 +292,12 @@ def run_trained(report, args, device, settings):
     model = load_agreement_model(CHECKPOINT, device)
     meta = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
     images, labels = shapes_batch(args.images, TEST_SEED)
-    rows = report.section("trained", f"ResNet-18 trained on the shapes data (held-out accuracy "
-                                     f"{meta['held_out_accuracy']:.3f}), 112 px, {args.iterations} iterations, "
-                                     f"{args.images} held-out images, true class")
+    rows = report.section(
+        "trained",
+        f"ResNet-18 trained on the shapes data (held-out accuracy "
+        f"{meta['held_out_accuracy']:.3f}), 112 px, {args.iterations} iterations, "
+        f"{args.images} held-out images, true class",
+    )
     config = FameConfig(iterations=args.iterations, epsilon=None, **scaled_blur(112))
     compare_settings(report, rows, model, images.to(device), labels.to(device), config, settings, args.batch_size)
 
@@ -263,8 +308,11 @@ def run_verification(report, args, device):
     arch = "small" if args.quick else "iresnet100"
     size = 64 if args.quick else 112
     pairs = args.pairs
-    rows = report.section("verification", f"{arch} at {size} px, random weights, {pairs} pairs, e+ and e- of one "
-                                          f"side, epsilon 0.01, up to {args.iterations} iterations")
+    rows = report.section(
+        "verification",
+        f"{arch} at {size} px, random weights, {pairs} pairs, e+ and e- of one "
+        f"side, epsilon 0.01, up to {args.iterations} iterations",
+    )
     torch.manual_seed(0)
     model = build_face_model(arch).to(device).eval()
     generator = torch.Generator().manual_seed(1)
@@ -275,21 +323,28 @@ def run_verification(report, args, device):
     torch.backends.cudnn.benchmark = False  # early stopping changes the batch at every stop
     reference = None
     try:
-        for precision, channels_last in VERIFICATION_PRECISIONS if not args.quick else [("32", False),
-                                                                                           ("bf16-mixed", False)]:
+        for precision, channels_last in (
+            VERIFICATION_PRECISIONS if not args.quick else [("32", False), ("bf16-mixed", False)]
+        ):
             setting = config.replace(precision=precision, channels_last=channels_last)
             name = setting_name(precision, channels_last, False)
             try:
                 explain_verification(model, images[:2], references[:2], setting.replace(iterations=2))
                 seconds, (maps, stats), peak = timed(
-                    lambda: explain_verification(model, images, references, setting, return_stats=True), device)
+                    lambda: explain_verification(model, images, references, setting, return_stats=True), device
+                )
             except Exception as error:
                 traceback.print_exc()
                 report.add(rows, {"setting": name, "error": f"{type(error).__name__}: {str(error)[:200]}"})
                 continue
-            row = {"setting": name, "pairs_per_s": pairs / seconds, "seconds": seconds, "peak_memory_gib": peak,
-                   "iterations_similar": float(stats["similar"].iterations.float().mean()),
-                   "iterations_dissimilar": float(stats["dissimilar"].iterations.float().mean())}
+            row = {
+                "setting": name,
+                "pairs_per_s": pairs / seconds,
+                "seconds": seconds,
+                "peak_memory_gib": peak,
+                "iterations_similar": float(stats["similar"].iterations.float().mean()),
+                "iterations_dissimilar": float(stats["dissimilar"].iterations.float().mean()),
+            }
             stacked = torch.cat([maps["similar"], maps["dissimilar"]])
             if reference is None:
                 reference = stacked
@@ -301,8 +356,9 @@ def run_verification(report, args, device):
 
 def run_feature_map(report, args, device):
     size = 32 if args.quick else 224
-    rows = report.section("feature_map", f"ResNet-50 layer4 sheet (all locations) of one {size} px image, "
-                                         f"{args.iterations} iterations")
+    rows = report.section(
+        "feature_map", f"ResNet-50 layer4 sheet (all locations) of one {size} px image, {args.iterations} iterations"
+    )
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).to(device).eval()
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
@@ -315,8 +371,12 @@ def run_feature_map(report, args, device):
         setting = config.replace(precision=precision, channels_last=channels_last)
         explain_feature_map(model, "layer4", image, [(0, 0)], setting.replace(iterations=2))
         seconds, maps, peak = timed(lambda: explain_feature_map(model, "layer4", image, config=setting), device)
-        row = {"setting": setting_name(precision, channels_last, False), "locations": int(maps.shape[0]),
-               "seconds": seconds, "peak_memory_gib": peak}
+        row = {
+            "setting": setting_name(precision, channels_last, False),
+            "locations": int(maps.shape[0]),
+            "seconds": seconds,
+            "peak_memory_gib": peak,
+        }
         if reference is None:
             reference = maps
         row.update(agreement_figures(maps, reference))
@@ -332,8 +392,11 @@ def run_cpu_ratio(report, args):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     iterations = 20
-    rows = report.section("cpu_ratio", f"CPU, 2 threads, ResNet-18 at 112 px, {iterations} iterations, batch 8: "
-                                       "batched engine vs a loop over single images (float32)")
+    rows = report.section(
+        "cpu_ratio",
+        f"CPU, 2 threads, ResNet-18 at 112 px, {iterations} iterations, batch 8: "
+        "batched engine vs a loop over single images (float32)",
+    )
     try:
         torch.manual_seed(0)
         model = torchvision.models.resnet18(weights=None).eval()
@@ -344,8 +407,11 @@ def run_cpu_ratio(report, args):
         explain_classification(model, images[:2], targets[:2], config.replace(iterations=1))
         cpu = torch.device("cpu")
         loop_seconds, loop_maps, _ = timed(
-            lambda: torch.cat([explain_classification(model, images[i : i + 1], targets[i : i + 1], config)
-                               for i in range(8)]), cpu)
+            lambda: torch.cat(
+                [explain_classification(model, images[i : i + 1], targets[i : i + 1], config) for i in range(8)]
+            ),
+            cpu,
+        )
         batched_seconds, batched_maps, _ = timed(lambda: explain_classification(model, images, targets, config), cpu)
         row = {"per_image_loop_s": loop_seconds, "batched_s": batched_seconds, "ratio": loop_seconds / batched_seconds}
         row.update(agreement_figures(batched_maps, loop_maps))

@@ -39,9 +39,13 @@ from fame.metrics.road import road_curve
 def make_inputs(images: int, size: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(images, 3, 14, 14, generator=generator)
-    batch = F.interpolate(coarse, size=size, mode="bilinear") + 0.1 * torch.randn(images, 3, size, size, generator=generator)
+    batch = F.interpolate(coarse, size=size, mode="bilinear") + 0.1 * torch.randn(
+        images, 3, size, size, generator=generator
+    )
     batch = (batch - 0.5) / 0.25  # roughly normalized inputs
-    maps = F.interpolate(torch.rand(images, 1, 7, 7, generator=generator), size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(
+        torch.rand(images, 1, 7, 7, generator=generator), size=size, mode="bilinear", align_corners=False
+    )
     maps = maps + 1e-6 * torch.rand(maps.shape, generator=generator)  # no ties
     return batch, maps
 
@@ -108,8 +112,12 @@ def main():
     with torch.no_grad():
         targets = model(images).argmax(dim=1)
     figures = {
-        "images": args.images, "size": args.size, "percentages": percentages, "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "images": args.images,
+        "size": args.size,
+        "percentages": percentages,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
     }
 
     _, forward_by_level = per_percentage(lambda _: forward_pass(model, images), percentages)
@@ -118,7 +126,8 @@ def main():
     # one generator through the percentages draws the same noise as one road_curve call over all of them
     generator = torch.Generator().manual_seed(1)
     ours, ours_by_level = per_percentage(
-        lambda percentage: road_curve(model, images, maps, targets, [percentage], generator=generator).logit[:, 0], percentages
+        lambda percentage: road_curve(model, images, maps, targets, [percentage], generator=generator).logit[:, 0],
+        percentages,
     )
     ours_seconds = sum(ours_by_level)
     reseeded = road_curve(model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(2)).logit
@@ -135,14 +144,18 @@ def main():
         figures["grad_cam_cpu"] = {
             "seconds": theirs_seconds,
             "images_per_second": args.images / theirs_seconds,
-            "imputation_images_per_second": args.images * len(percentages) / max(theirs_seconds - forward_seconds, 1e-9),
+            "imputation_images_per_second": args.images
+            * len(percentages)
+            / max(theirs_seconds - forward_seconds, 1e-9),
         }
         figures["speedup_end_to_end"] = theirs_seconds / ours_seconds
         figures["speedup_imputation"] = imputation_speedup(theirs_seconds, ours_seconds, forward_seconds)
         figures["speedup_end_to_end_bound"] = theirs_seconds / forward_seconds
         figures["speedup_imputation_by_percentage"] = {
             percentage: imputation_speedup(theirs_level, ours_level, forward)
-            for percentage, theirs_level, ours_level, forward in zip(percentages, theirs_by_level, ours_by_level, forward_by_level)
+            for percentage, theirs_level, ours_level, forward in zip(
+                percentages, theirs_by_level, ours_by_level, forward_by_level
+            )
         }
         difference = (ours - theirs).abs()
         figures["grad_cam_vs_ours_mean_abs_logit_difference"] = float(difference.mean())
@@ -152,12 +165,24 @@ def main():
 
     if args.device != "cpu":
         device = torch.device(args.device)
-        model_device, images_device, maps_device, targets_device = model.to(device), images.to(device), maps.to(device), targets.to(device)
+        model_device, images_device, maps_device, targets_device = (
+            model.to(device),
+            images.to(device),
+            maps.to(device),
+            targets.to(device),
+        )
         road_curve(model_device, images_device, maps_device, targets_device, percentages[:1])  # warm-up
         torch.cuda.synchronize() if device.type == "cuda" else None
 
         def run_device():
-            curves = road_curve(model_device, images_device, maps_device, targets_device, percentages, generator=torch.Generator().manual_seed(1))
+            curves = road_curve(
+                model_device,
+                images_device,
+                maps_device,
+                targets_device,
+                percentages,
+                generator=torch.Generator().manual_seed(1),
+            )
             torch.cuda.synchronize() if device.type == "cuda" else None
             return curves
 
@@ -191,7 +216,11 @@ def markdown(figures: dict) -> str:
         "| implementation | seconds | images/s (end to end) | imputations/s (imputation only) |",
         "|---|---|---|---|",
     ]
-    for key, name in (("grad_cam_cpu", "grad-cam ROADMostRelevantFirst, CPU"), ("ours_cpu", "fame road_curve, CPU"), ("ours_cuda", "fame road_curve, GPU")):
+    for key, name in (
+        ("grad_cam_cpu", "grad-cam ROADMostRelevantFirst, CPU"),
+        ("ours_cpu", "fame road_curve, CPU"),
+        ("ours_cuda", "fame road_curve, GPU"),
+    ):
         if key in figures:
             row = figures[key]
             imputation = f"{row['imputation_images_per_second']:.2f}" if "imputation_images_per_second" in row else "-"
@@ -203,16 +232,22 @@ def markdown(figures: dict) -> str:
             f"speed-up on CPU: {figures['speedup_end_to_end']:.1f}x end to end (at most {figures['speedup_end_to_end_bound']:.1f}x "
             f"with free imputation), {ratio(figures['speedup_imputation'])} imputation only"
         )
-        lines.append("imputation speed-up by P: " + ", ".join(
-            f"{percentage} %: {ratio(speedup)}" for percentage, speedup in figures["speedup_imputation_by_percentage"].items()
-        ))
+        lines.append(
+            "imputation speed-up by P: "
+            + ", ".join(
+                f"{percentage} %: {ratio(speedup)}"
+                for percentage, speedup in figures["speedup_imputation_by_percentage"].items()
+            )
+        )
         lines.append(
             f"curve agreement: mean |logit ours - grad-cam| = {figures['grad_cam_vs_ours_mean_abs_logit_difference']:.4f} "
             f"(max {figures['grad_cam_vs_ours_max_abs_logit_difference']:.4f}); two noise seeds of ours differ by "
             f"{figures['noise_floor_mean_abs_logit_difference']:.4f}"
         )
     if "speedup_cuda_vs_grad_cam_cpu" in figures:
-        lines.append(f"GPU vs grad-cam on CPU: {figures['speedup_cuda_vs_grad_cam_cpu']:.0f}x; GPU vs CPU curves max |diff| {figures['cuda_vs_cpu_max_abs_logit_difference']:.2e}")
+        lines.append(
+            f"GPU vs grad-cam on CPU: {figures['speedup_cuda_vs_grad_cam_cpu']:.0f}x; GPU vs CPU curves max |diff| {figures['cuda_vs_cpu_max_abs_logit_difference']:.2e}"
+        )
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def blob_maps(count: int, size: int, seed: int = 0) -> np.ndarray:
         for _ in range(generator.integers(1, 5)):
             cy, cx = generator.uniform(0, size, 2)
             width = generator.uniform(0.04, 0.2) * size
-            one += generator.uniform(0.3, 1.0) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * width ** 2))
+            one += generator.uniform(0.3, 1.0) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * width**2))
         one /= one.max()
     return maps
 
@@ -85,7 +85,7 @@ def scale_figures(rows: int, size: int, folder: Path) -> dict:
     ids = [f"sample-{row:06d}" for row in range(rows)]
     begin = time.perf_counter()
     for start in range(0, rows, BATCH):
-        fresh.read(name, ids[start:start + BATCH])
+        fresh.read(name, ids[start : start + BATCH])
     reading = time.perf_counter() - begin
 
     generator = np.random.default_rng(1)
@@ -102,17 +102,36 @@ def scale_figures(rows: int, size: int, folder: Path) -> dict:
     verifying = time.perf_counter() - begin
     assert not damaged
     shutil.rmtree(path)
-    return {"rows": rows, "size": size, "write_maps_per_s": rows / writing, "open_and_index_s": opening,
-            "read_maps_per_s": rows / reading, "batch_read_median_s": float(np.median(latencies)),
-            "batch_read_p90_s": float(np.percentile(latencies, 90)), "verify_s": verifying,
-            "files_per_map": files / rows, "bytes_per_map": size_bytes / rows, "raw_bytes_per_map": size * size * 2}
+    return {
+        "rows": rows,
+        "size": size,
+        "write_maps_per_s": rows / writing,
+        "open_and_index_s": opening,
+        "read_maps_per_s": rows / reading,
+        "batch_read_median_s": float(np.median(latencies)),
+        "batch_read_p90_s": float(np.percentile(latencies, 90)),
+        "verify_s": verifying,
+        "files_per_map": files / rows,
+        "bytes_per_map": size_bytes / rows,
+        "raw_bytes_per_map": size * size * 2,
+    }
 
 
 class StoreClock:
     """Wall time spent inside ``MapStore`` methods (outermost calls only) while it is installed."""
 
-    METHODS = ("read", "read_stats", "completed", "missing_rows", "rows", "outputs", "method_settings",
-               "method_provenance", "verify", "__init__")
+    METHODS = (
+        "read",
+        "read_stats",
+        "completed",
+        "missing_rows",
+        "rows",
+        "outputs",
+        "method_settings",
+        "method_provenance",
+        "verify",
+        "__init__",
+    )
 
     def __init__(self):
         self.seconds, self._depth, self._originals = 0.0, 0, {}
@@ -139,6 +158,7 @@ class StoreClock:
                 self._depth -= 1
                 if self._depth == 0:
                     self.seconds += time.perf_counter() - begin
+
         return timed
 
     def __exit__(self, *exc):
@@ -156,16 +176,35 @@ def evaluate_figures(rows: int, folder: Path, families: str) -> dict:
 
     data = [f"data.datamodule.test.length={rows}", f"limit={rows}"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        explain_config = compose("explain", overrides=["experiment=shapes", "checkpoint=null", *data,
-                                                       f"paths.output_dir={folder}"])
-        evaluate_config = compose("evaluate", overrides=["experiment=shapes", "checkpoint=null", f"families=[{families}]",
-                                                         f"store={folder}/eval-{rows}.zarr", f"paths.output_dir={folder}",
-                                                         "device=cpu", "exclude_empty=false", "road.imputations=[zero]"])
+        explain_config = compose(
+            "explain", overrides=["experiment=shapes", "checkpoint=null", *data, f"paths.output_dir={folder}"]
+        )
+        evaluate_config = compose(
+            "evaluate",
+            overrides=[
+                "experiment=shapes",
+                "checkpoint=null",
+                f"families=[{families}]",
+                f"store={folder}/eval-{rows}.zarr",
+                f"paths.output_dir={folder}",
+                "device=cpu",
+                "exclude_empty=false",
+                "road.imputations=[zero]",
+            ],
+        )
     dataset = explained_dataset(explain_config)
     size = tuple(dataset[0]["image"].shape[-2:])
-    store = MapStore.create_or_open(evaluate_config.store, num_samples=len(dataset), size=size, meta={
-        "task": "classification", "data": without_loader_keys(plain(explain_config.data)),
-        "split": explain_config.split, "limit": explain_config.limit})
+    store = MapStore.create_or_open(
+        evaluate_config.store,
+        num_samples=len(dataset),
+        size=size,
+        meta={
+            "task": "classification",
+            "data": without_loader_keys(plain(explain_config.data)),
+            "split": explain_config.split,
+            "limit": explain_config.limit,
+        },
+    )
     name = store.begin_method("blobs", {"target": "label"})
     pool = blob_maps(256, size[0], seed=2)
     for start in range(0, len(dataset), BATCH):
@@ -178,25 +217,46 @@ def evaluate_figures(rows: int, folder: Path, families: str) -> dict:
         total = time.perf_counter() - begin
     shutil.rmtree(evaluate_config.store)
     assert len(dataset) == rows
-    return {"rows": rows, "families": families, "seconds": total, "ms_per_sample": 1000 * total / rows,
-            "store_seconds": clock.seconds, "store_ms_per_sample": 1000 * clock.seconds / rows,
-            "store_share": clock.seconds / total, "scores": len(frame)}
+    return {
+        "rows": rows,
+        "families": families,
+        "seconds": total,
+        "ms_per_sample": 1000 * total / rows,
+        "store_seconds": clock.seconds,
+        "store_ms_per_sample": 1000 * clock.seconds / rows,
+        "store_share": clock.seconds / total,
+        "scores": len(frame),
+    }
 
 
 def markdown(figures: dict) -> str:
-    lines = [f"# Map store at scale ({'quick' if figures['quick'] else 'full'})", "",
-             f"{figures['machine']}; one writer, batches of {BATCH}, synthetic blob maps; reads from the page cache.", "",
-             "| rows | px | write maps/s | open + index s | read maps/s | batch of 64 median s | p90 s | verify s | "
-             "files/map | bytes/map (raw) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Map store at scale ({'quick' if figures['quick'] else 'full'})",
+        "",
+        f"{figures['machine']}; one writer, batches of {BATCH}, synthetic blob maps; reads from the page cache.",
+        "",
+        "| rows | px | write maps/s | open + index s | read maps/s | batch of 64 median s | p90 s | verify s | "
+        "files/map | bytes/map (raw) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in figures["scale"]:
-        lines.append(f"| {row['rows']:,} | {row['size']} | {row['write_maps_per_s']:.0f} | {row['open_and_index_s']:.3f} | "
-                     f"{row['read_maps_per_s']:.0f} | {row['batch_read_median_s']:.4f} | {row['batch_read_p90_s']:.4f} | "
-                     f"{row['verify_s']:.2f} | {row['files_per_map']:.5f} | {row['bytes_per_map']:.0f} ({row['raw_bytes_per_map']}) |")
-    lines += ["", "evaluate stage (`score_store`, shapes demo, 64 px, model from the config, CPU, ROAD zero imputation):", "",
-              "| rows | families | ms per sample | store ms per sample | store share |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['rows']:,} | {row['size']} | {row['write_maps_per_s']:.0f} | {row['open_and_index_s']:.3f} | "
+            f"{row['read_maps_per_s']:.0f} | {row['batch_read_median_s']:.4f} | {row['batch_read_p90_s']:.4f} | "
+            f"{row['verify_s']:.2f} | {row['files_per_map']:.5f} | {row['bytes_per_map']:.0f} ({row['raw_bytes_per_map']}) |"
+        )
+    lines += [
+        "",
+        "evaluate stage (`score_store`, shapes demo, 64 px, model from the config, CPU, ROAD zero imputation):",
+        "",
+        "| rows | families | ms per sample | store ms per sample | store share |",
+        "|---|---|---|---|---|",
+    ]
     for row in figures["evaluate"]:
-        lines.append(f"| {row['rows']:,} | {row['families'].replace(',', ', ')} | {row['ms_per_sample']:.2f} | {row['store_ms_per_sample']:.3f} | "
-                     f"{100 * row['store_share']:.2f} % |")
+        lines.append(
+            f"| {row['rows']:,} | {row['families'].replace(',', ', ')} | {row['ms_per_sample']:.2f} | {row['store_ms_per_sample']:.3f} | "
+            f"{100 * row['store_share']:.2f} % |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -204,24 +264,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small stores at 32 px: a smoke run")
     parser.add_argument("--rows", type=int, nargs="+", help="store sizes (default 1000 10000 50000)")
-    parser.add_argument("--evaluate-rows", type=int, nargs="*", help="evaluate-stage sizes, localization family "
-                        "(default 1000 10000)")
-    parser.add_argument("--all-families-rows", type=int, nargs="*", help="evaluate-stage sizes with localization, "
-                        "ROAD and deletion (default 1000)")
+    parser.add_argument(
+        "--evaluate-rows", type=int, nargs="*", help="evaluate-stage sizes, localization family (default 1000 10000)"
+    )
+    parser.add_argument(
+        "--all-families-rows",
+        type=int,
+        nargs="*",
+        help="evaluate-stage sizes with localization, ROAD and deletion (default 1000)",
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None, help="where the stores are written (default: a temporary folder)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where the stores are written (default: a temporary folder)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     rows = options.rows or ([64, 640] if options.quick else [1000, 10000, 50000])
-    evaluate_rows = options.evaluate_rows if options.evaluate_rows is not None else ([40] if options.quick else [1000, 10000])
-    all_families_rows = (options.all_families_rows if options.all_families_rows is not None
-                         else ([] if options.quick else [1000]))
-    evaluations = [(count, "localization") for count in evaluate_rows] + \
-                  [(count, "localization,road,deletion") for count in all_families_rows]
+    evaluate_rows = (
+        options.evaluate_rows if options.evaluate_rows is not None else ([40] if options.quick else [1000, 10000])
+    )
+    all_families_rows = (
+        options.all_families_rows if options.all_families_rows is not None else ([] if options.quick else [1000])
+    )
+    evaluations = [(count, "localization") for count in evaluate_rows] + [
+        (count, "localization,road,deletion") for count in all_families_rows
+    ]
     size = 32 if options.quick else 224
-    figures = {"quick": options.quick, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                                  f"Python {platform.python_version()}", "scale": [], "evaluate": []}
+    figures = {
+        "quick": options.quick,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}",
+        "scale": [],
+        "evaluate": [],
+    }
     with tempfile.TemporaryDirectory(dir=options.work) as work:
         for count in rows:
             figures["scale"].append(scale_figures(count, size, Path(work)))

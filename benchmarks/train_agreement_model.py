@@ -38,8 +38,12 @@ def load_agreement_model(path: Path = CHECKPOINT, device="cpu") -> nn.Module:
     """The trained ResNet-18 in float32, eval mode."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model()
-    model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
-                           for name, tensor in checkpoint["state_dict"].items()})
+    model.load_state_dict(
+        {
+            name: tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in checkpoint["state_dict"].items()
+        }
+    )
     return model.to(device).eval()
 
 
@@ -64,8 +68,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=8.0, help="stop after this much training time")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--min-accuracy", type=float, default=None,
-                        help="keep an existing checkpoint whose held-out accuracy reaches this")
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="keep an existing checkpoint whose held-out accuracy reaches this",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the weights in --out")
     parser.add_argument("--out", type=Path, default=CHECKPOINT)
     args = parser.parse_args()
@@ -99,17 +107,31 @@ def main() -> None:
             schedule.step()
         model.eval()
         minutes = (time.perf_counter() - started) / 60
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy "
-              f"{accuracy(model, test_images, test_labels):.3f} ({minutes:.1f} min)", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out accuracy "
+            f"{accuracy(model, test_images, test_labels):.3f} ({minutes:.1f} min)",
+            flush=True,
+        )
         if minutes > args.minutes:
             break
     test_accuracy = accuracy(model, test_images, test_labels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu()
-    state = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in model.state_dict().items()}
-    torch.save({"state_dict": state, "arch": "resnet18", "num_classes": CLASSES, "image_size": IMAGE_SIZE,
-                "data": f"ShapesDataset(seed={TRAIN_SEED}, image_size={IMAGE_SIZE})",
-                "held_out_accuracy": test_accuracy, "torch": str(torch.__version__)}, args.out)
+    state = {
+        name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in model.state_dict().items()
+    }
+    torch.save(
+        {
+            "state_dict": state,
+            "arch": "resnet18",
+            "num_classes": CLASSES,
+            "image_size": IMAGE_SIZE,
+            "data": f"ShapesDataset(seed={TRAIN_SEED}, image_size={IMAGE_SIZE})",
+            "held_out_accuracy": test_accuracy,
+            "torch": str(torch.__version__),
+        },
+        args.out,
+    )
     print(f"held-out accuracy {test_accuracy:.3f}; wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
 
 

@@ -66,7 +66,9 @@ def trusted_file(config: Any, path: Any) -> bool:
     value = lookup(config, "trust", default=None)
     entries = [value] if isinstance(value, (str, os.PathLike)) else value or []
     if not isinstance(entries, list) or not all(isinstance(entry, (str, os.PathLike)) for entry in entries):
-        raise ConfigError(f"config key 'trust' has the value {value!r}; allowed: a list of paths of files you made "
-                          "yourself (stores, checkpoints, sweep indexes), e.g. trust=[outputs/explain/maps.zarr]")
+        raise ConfigError(
+            f"config key 'trust' has the value {value!r}; allowed: a list of paths of files you made "
+            "yourself (stores, checkpoints, sweep indexes), e.g. trust=[outputs/explain/maps.zarr]"
+        )
     wanted = Path(path).resolve()
     return any(Path(entry).resolve() == wanted for entry in entries)

@@ -24,7 +24,7 @@ SHOWN_VALUE = 80
 
 def _shown(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= SHOWN_VALUE else text[:SHOWN_VALUE - 3] + "..."
+    return text if len(text) <= SHOWN_VALUE else text[: SHOWN_VALUE - 3] + "..."
 
 
 def error_line(error: BaseException) -> str:
@@ -37,15 +37,17 @@ def error_line(error: BaseException) -> str:
     text = str(error).strip()
     if isinstance(error, StoreMismatch):
         lines = text.splitlines()
-        keys = "; ".join(f"{key}: stored {_shown(stored)}, requested {_shown(requested)}"
-                         for key, stored, requested in error.differences)
+        keys = "; ".join(
+            f"{key}: stored {_shown(stored)}, requested {_shown(requested)}"
+            for key, stored, requested in error.differences
+        )
         advice = " ".join(line.strip() for line in lines[1:] if line.strip() and not line.startswith("  "))
         return f"{lines[0].rstrip(':')}: {keys}. {advice}".strip()
     if "\nOriginal Traceback" in text:  # torch.utils.data's ExceptionWrapper.reraise
         last = text.splitlines()[-1]
         for name in (f"{type(error).__module__}.{type(error).__qualname__}: ", f"{type(error).__qualname__}: "):
             if last.startswith(name):
-                return last[len(name):]
+                return last[len(name) :]
         return last
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
@@ -89,6 +91,8 @@ def check_group_choices(arguments: Sequence[str], config_dir: Path, script: str)
         known = sorted(path.stem for path in group.glob("*.yaml"))
         unknown = [name for name in names if name is not None and str(name) not in known]
         if unknown:
-            print(f"{script}: unknown {override.key_or_group} {', '.join(map(repr, unknown))}; known: {', '.join(known)}",
-                  file=sys.stderr)
+            print(
+                f"{script}: unknown {override.key_or_group} {', '.join(map(repr, unknown))}; known: {', '.join(known)}",
+                file=sys.stderr,
+            )
             sys.exit(2)

@@ -237,8 +237,14 @@ def outside_mass_by_location(
             for k, (row, col) in enumerate(locations.cpu().tolist()):
                 records.append(
                     {
-                        "layer": layer, "grid_h": h, "grid_w": w, "image": image_id, "row": row, "col": col,
-                        "outside_mass": float(shares[k]), "cell_floor": float(floors[row * w + col]),
+                        "layer": layer,
+                        "grid_h": h,
+                        "grid_w": w,
+                        "image": image_id,
+                        "row": row,
+                        "col": col,
+                        "outside_mass": float(shares[k]),
+                        "cell_floor": float(floors[row * w + col]),
                         "iterations": int(stats.iterations[k]),
                         "initial_loss": float(stats.initial_loss[k]),
                     }

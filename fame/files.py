@@ -86,8 +86,11 @@ def file_builders() -> Dict[str, Callable[..., Any]]:
     builders: Dict[str, Callable[..., Any]] = {}
     for name in FILE_BUILDERS:
         parts = name.split(".")  # <package>.<module>...<name>[.<classmethod>]
-        depth = next(depth for depth in range(len(parts) - 1, 0, -1)
-                     if importlib.util.find_spec(".".join(parts[:depth])) is not None)
+        depth = next(
+            depth
+            for depth in range(len(parts) - 1, 0, -1)
+            if importlib.util.find_spec(".".join(parts[:depth])) is not None
+        )
         builder: Any = importlib.import_module(".".join(parts[:depth]))
         for part in parts[depth:]:
             builder = getattr(builder, part)
@@ -140,16 +143,19 @@ def check_file_data(content: Any, path: Any, key: str, *, trusted: bool = False,
     builders = file_builders()
 
     def refuse(where: str, what: str) -> None:
-        raise UntrustedFileError(f"{path} holds {where} = {what}; files are data, so nothing in it is built. "
-                                 f"{trust_hint(path)}")
+        raise UntrustedFileError(
+            f"{path} holds {where} = {what}; files are data, so nothing in it is built. {trust_hint(path)}"
+        )
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict):
             if "_target_" in node:
                 target = node["_target_"]
                 if not isinstance(target, str) or target not in builders and target not in named:
-                    refuse(f"{where}._target_",
-                           f"{target!r}, which is not one of the project's builders (fame.config.FILE_BUILDERS)")
+                    refuse(
+                        f"{where}._target_",
+                        f"{target!r}, which is not one of the project's builders (fame.config.FILE_BUILDERS)",
+                    )
             for name, value in node.items():
                 inner = f"{where}.{name}"
                 if name == "trust" and value not in (None, False):
@@ -173,8 +179,10 @@ def check_arguments(builder: Callable[..., Any], node: Mapping[str, Any], where:
         return
     unknown = [name for name in node if name not in HYDRA_KEYS and name not in parameters]
     if unknown:
-        raise ConfigError(f"{path} holds {where} = {node['_target_']} with the argument(s) {unknown}, which it does "
-                          f"not take (it takes {', '.join(parameters)})")
+        raise ConfigError(
+            f"{path} holds {where} = {node['_target_']} with the argument(s) {unknown}, which it does "
+            f"not take (it takes {', '.join(parameters)})"
+        )
 
 
 def instantiate(spec: Any, key: str, **extra: Any) -> Any:
@@ -189,7 +197,9 @@ def instantiate(spec: Any, key: str, **extra: Any) -> Any:
         raise ConfigError(f"{key} is not set; give it a config with a _target_")
     node = plain(spec) if isinstance(spec, DictConfig) else spec
     if not isinstance(node, dict) or "_target_" not in node:
-        raise ConfigError(f"{key} must be a mapping with a _target_ naming the class or function to build, got {node!r}")
+        raise ConfigError(
+            f"{key} must be a mapping with a _target_ naming the class or function to build, got {node!r}"
+        )
     try:
         return hydra_instantiate(node, **extra, _convert_="all")
     except InstantiationException as error:

@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import schemas
 from .config import ConfigError, config_targets, instantiate, lookup, plain, trusted_file
 from .data.modules import collate_items
 from .lightning.checkpoints import load_module_checkpoint
 from .metrics.sanity import RANDOMIZATION_METRICS, cascading_randomization, holds_parameters, layer_blocks
 from .schemas import sanity_options
-from . import schemas
 from .tasks import Task, explained_inputs, predicted_classes, task_of
 
 #: The keys of an explainer config that build the method rather than configure it.
@@ -75,9 +75,12 @@ def explained_model(config: DictConfig) -> nn.Module:
     if config.checkpoint is None:
         return instantiate(config.model, "model").eval()
     task = task_of(config.data.task)
-    module = load_module_checkpoint(get_class(config.module._target_), config.checkpoint,
-                                    trust=trusted_file(config, config.checkpoint),
-                                    named_targets=config_targets(config.model, config.module))
+    module = load_module_checkpoint(
+        get_class(config.module._target_),
+        config.checkpoint,
+        trust=trusted_file(config, config.checkpoint),
+        named_targets=config_targets(config.model, config.module),
+    )
     network = task.network(module, owner=f"checkpoint={config.checkpoint}")
     return task.checked_network(network, config.data, config.checkpoint).eval()
 
@@ -113,11 +116,19 @@ def check_layers(model: nn.Module, layers: Sequence[str], entry: str, input_spac
     raise ConfigError(
         f"sanity.layers: {unknown} are not modules of the {type(model).__name__} that {entry!r} explains "
         f"(input_space={input_space}); its blocks are {layer_blocks(model)} (sanity.layers=null), and any module "
-        f"holding parameters is valid: {listed}")
+        f"holding parameters is valid: {listed}"
+    )
 
 
-def _plan(task: Task, model: nn.Module, images: Tensor, labels: Tensor, settings: Dict[str, Any], entry: str,
-          layers: Optional[List[str]]) -> Dict[str, Any]:
+def _plan(
+    task: Task,
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    settings: Dict[str, Any],
+    entry: str,
+    layers: Optional[List[str]],
+) -> Dict[str, Any]:
     """What re-running ``entry`` needs: method, options, inputs, targets and the model it sees.
 
     The method is looked up by the name its settings record (a ``_target_`` read from a store is
@@ -127,8 +138,9 @@ def _plan(task: Task, model: nn.Module, images: Tensor, labels: Tensor, settings
     try:
         method = task.method(str(name))
     except ValueError as error:
-        raise ConfigError(f"the maps of {entry!r} were made with method {name!r}, which cannot be re-run: "
-                          f"{error}") from None
+        raise ConfigError(
+            f"the maps of {entry!r} were made with method {name!r}, which cannot be re-run: {error}"
+        ) from None
     target, input_space = settings.get("target", "label"), settings.get("input_space", "pixels")
     targets = labels
     if target == "prediction":  # the intact model's class, as when the maps were made
@@ -136,12 +148,26 @@ def _plan(task: Task, model: nn.Module, images: Tensor, labels: Tensor, settings
     inputs, seen = explained_inputs(model, images, input_space)
     steps = list(layers) if layers is not None else layer_blocks(seen)
     check_layers(seen, steps, entry, input_space)
-    return {"entry": entry, "method": method, "options": method_options(method_config), "inputs": inputs,
-            "targets": targets, "model": seen, "layers": steps}
+    return {
+        "entry": entry,
+        "method": method,
+        "options": method_options(method_config),
+        "inputs": inputs,
+        "targets": targets,
+        "model": seen,
+        "layers": steps,
+    }
 
 
-def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str], dataset, rows: np.ndarray,
-                   device: Union[str, torch.device]) -> Tuple[List[Dict[str, Any]], List[str]]:
+def sanity_records(
+    config: Any,
+    model: nn.Module,
+    store,
+    entries: Sequence[str],
+    dataset,
+    rows: np.ndarray,
+    device: Union[str, torch.device],
+) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Long-table rows of the cascading randomization (Adebayo et al., NeurIPS 2018) of every entry,
     and the layer name of each step.
 
@@ -162,8 +188,10 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
     """
     task = task_of(store.meta.get("task"))
     if "sanity" not in task.families:
-        raise ConfigError(f"the sanity check needs a classification store; {store.path} holds {task.name} maps "
-                          f"(leave the sanity check off for {task.name})")
+        raise ConfigError(
+            f"the sanity check needs a classification store; {store.path} holds {task.name} maps "
+            f"(leave the sanity check off for {task.name})"
+        )
     samples, layers, randomization = sanity_options(config)
     chosen = np.asarray(rows, dtype=np.int64)[:samples]
     if len(chosen) == 0 or not entries:
@@ -179,23 +207,50 @@ def sanity_records(config: Any, model: nn.Module, store, entries: Sequence[str],
     records: List[Dict[str, Any]] = []
     with tqdm(total=sum(len(plan["layers"]) + 1 for plan in plans), desc="sanity", unit="map") as bar:
         for plan in plans:
+
             def explain_fn(network: nn.Module, inputs: Tensor, targets: Tensor, plan=plan) -> Tensor:
-                parts = [plan["method"](network, inputs[start:start + chunk], targets[start:start + chunk],
-                                        ids=ids[start:start + chunk], **plan["options"]).maps[""].detach()
-                         for start in range(0, inputs.shape[0], chunk)]
+                parts = [
+                    plan["method"](
+                        network,
+                        inputs[start : start + chunk],
+                        targets[start : start + chunk],
+                        ids=ids[start : start + chunk],
+                        **plan["options"],
+                    )
+                    .maps[""]
+                    .detach()
+                    for start in range(0, inputs.shape[0], chunk)
+                ]
                 bar.update(1)
                 return torch.cat(parts)
 
             bar.set_postfix_str(plan["entry"])
             generator = torch.Generator().manual_seed(int(config.seed))
-            result = cascading_randomization(plan["model"], explain_fn, plan["inputs"], plan["targets"], generator,
-                                             layers=plan["layers"], randomization=randomization)
+            result = cascading_randomization(
+                plan["model"],
+                explain_fn,
+                plan["inputs"],
+                plan["targets"],
+                generator,
+                layers=plan["layers"],
+                randomization=randomization,
+            )
             for metric, values in zip(RANDOMIZATION_METRICS[randomization], (result.spearman, result.ssim)):
                 values = values.double().cpu()
-                records += [{"method": plan["entry"], "metric": metric, "level": float(step + 1),
-                             "value": float(values[step, b]), "sample_id": sid}
-                            for b, sid in enumerate(ids) for step in range(values.shape[0])]
+                records += [
+                    {
+                        "method": plan["entry"],
+                        "metric": metric,
+                        "level": float(step + 1),
+                        "value": float(values[step, b]),
+                        "sample_id": sid,
+                    }
+                    for b, sid in enumerate(ids)
+                    for step in range(values.shape[0])
+                ]
     length = max(len(plan["layers"]) for plan in plans)
-    layer_names = [" / ".join(dict.fromkeys(plan["layers"][step] for plan in plans if step < len(plan["layers"])))
-                   for step in range(length)]
+    layer_names = [
+        " / ".join(dict.fromkeys(plan["layers"][step] for plan in plans if step < len(plan["layers"])))
+        for step in range(length)
+    ]
     return records, layer_names

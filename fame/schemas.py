@@ -23,8 +23,8 @@ from .explain.registry import fame_config
 from .files import ConfigError, plain
 from .metrics.faithfulness import SUBSTRATES
 from .metrics.localization import LOCALIZATION_METRICS
-from .metrics.scoring import ROAD_IMPUTATIONS, ROAD_ORDERS
 from .metrics.sanity import RANDOMIZATIONS
+from .metrics.scoring import ROAD_IMPUTATIONS, ROAD_ORDERS
 from .metrics.verification import THRESHOLD_PROTOCOLS
 from .tasks import INPUT_SPACES, task_names, task_of
 
@@ -71,9 +71,12 @@ class Rule:
             kind_ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
         else:
             kind_ok = isinstance(value, self.kind)
-        return (kind_ok and (self.choices is None or value in self.choices)
-                and (self.minimum is None or value >= self.minimum)
-                and (self.maximum is None or value <= self.maximum))
+        return (
+            kind_ok
+            and (self.choices is None or value in self.choices)
+            and (self.minimum is None or value >= self.minimum)
+            and (self.maximum is None or value <= self.maximum)
+        )
 
     def check(self, key: str, value: Any) -> None:
         """ConfigError naming ``key`` unless the rule accepts ``value``."""
@@ -106,8 +109,11 @@ def entries(allowed: Optional[Sequence[Any]] = None, each: Optional[Rule] = None
             raise _refuse("a non-empty list")
         unknown = [value for value in values if allowed is not None and value not in allowed]
         if unknown:
-            raise PydanticCustomError("entries", "has unknown entries {unknown}; allowed: {allowed}",
-                                      {"unknown": str(unknown), "allowed": str(list(allowed))})
+            raise PydanticCustomError(
+                "entries",
+                "has unknown entries {unknown}; allowed: {allowed}",
+                {"unknown": str(unknown), "allowed": str(list(allowed))},
+            )
         for value in values:
             if each is not None and not each.accepts(value):
                 raise PydanticCustomError("entry", "allowed: {allowed}", {"allowed": each.allowed(), "entry": value})
@@ -228,8 +234,10 @@ def _check_methods(explainer: Optional[Dict[str, Any]], task_name: str) -> None:
         if method not in known:
             raise refuse(f"explainer.{name}: unknown {task.name} method {method!r}; known: {', '.join(known)}")
         if "_target_" not in options:
-            raise refuse(f"explainer.{name} has no _target_; a method's config file builds it with "
-                         "_target_: fame.tasks.explainer (configs/explainer/)")
+            raise refuse(
+                f"explainer.{name} has no _target_; a method's config file builds it with "
+                "_target_: fame.tasks.explainer (configs/explainer/)"
+            )
         chosen = {key: value for key, value in options.items() if key not in ("name", "_target_", "_partial_")}
         try:
             task.method(method).check_options(chosen)
@@ -239,8 +247,9 @@ def _check_methods(explainer: Optional[Dict[str, Any]], task_name: str) -> None:
             if method == "fame":
                 fame_options(chosen, f"explainer.{name}")
             if method == "fggb":
-                Rule(str, choices=GRADIENT_OF).check(f"explainer.{name}.gradient_of",
-                                                     options.get("gradient_of", "normalized"))
+                Rule(str, choices=GRADIENT_OF).check(
+                    f"explainer.{name}.gradient_of", options.get("gradient_of", "normalized")
+                )
         except ConfigError as error:
             raise refuse(str(error)) from None
 
@@ -269,11 +278,18 @@ class SchedulerKeys(Node):
 
 
 class ModuleKeys(Node):
-    optimizer: Annotated[Optional[OptimizerKeys], mapping(
-        "a config node with a _target_, e.g. module/optimizer=sgd or adamw (configs/module/optimizer/)")] = None
-    scheduler: Annotated[Optional[SchedulerKeys], mapping(
-        "a config node with a _target_, e.g. module/scheduler=onecycle, cosine, step or polynomial "
-        "(configs/module/scheduler/), or null (constant)", optional=True)] = None
+    optimizer: Annotated[
+        Optional[OptimizerKeys],
+        mapping("a config node with a _target_, e.g. module/optimizer=sgd or adamw (configs/module/optimizer/)"),
+    ] = None
+    scheduler: Annotated[
+        Optional[SchedulerKeys],
+        mapping(
+            "a config node with a _target_, e.g. module/scheduler=onecycle, cosine, step or polynomial "
+            "(configs/module/scheduler/), or null (constant)",
+            optional=True,
+        ),
+    ] = None
     thresholds: ruled(str, choices=THRESHOLD_PROTOCOLS) = None
 
 
@@ -345,8 +361,9 @@ class FeaturemapConfig(EntryConfig):
         except ConfigError as error:
             raise refuse(str(error)) from None
         if not task_of(self.data.task).explains_feature_maps:
-            raise refuse("the feature-map experiment explains a classifier's layers: choose a classification data "
-                         "config")
+            raise refuse(
+                "the feature-map experiment explains a classifier's layers: choose a classification data config"
+            )
         return self
 
 
@@ -375,8 +392,12 @@ class VerificationKeys(Node):
 
 class DeletionKeys(Node):
     fractions: entries(each=Rule(float, minimum=0, maximum=1), increasing=True)
-    protocol: ruled(str, choices=SUBSTRATES, help="fame: black / blurred [0, 1] pixels at deletion.fractions; rise: "
-                    "RISE's CausalMetric, one pixel row per step") = "fame"
+    protocol: ruled(
+        str,
+        choices=SUBSTRATES,
+        help="fame: black / blurred [0, 1] pixels at deletion.fractions; rise: "
+        "RISE's CausalMetric, one pixel row per step",
+    ) = "fame"
 
 
 class SanityKeys(Node):
@@ -384,16 +405,23 @@ class SanityKeys(Node):
 
     samples: ruled(int, minimum=1) = 8
     layers: Optional[Any] = None
-    randomization: ruled(str, choices=RANDOMIZATIONS, help="reinit: reset_parameters() and BatchNorm statistics "
-                         "reset; redraw: parameters redrawn from their own mean / std") = "reinit"
+    randomization: ruled(
+        str,
+        choices=RANDOMIZATIONS,
+        help="reinit: reset_parameters() and BatchNorm statistics "
+        "reset; redraw: parameters redrawn from their own mean / std",
+    ) = "reinit"
 
     @model_validator(mode="after")
     def _check_layers(self) -> "SanityKeys":
         layers = self.layers
-        if layers is not None and (not isinstance(layers, list) or not layers
-                                   or not all(isinstance(name, str) for name in layers)):
-            raise refuse(f"config key 'sanity.layers' has the value {layers!r}; allowed: null (the model's blocks, "
-                         "output first) or a non-empty list of module names, e.g. [fc, layer4, layer3]")
+        if layers is not None and (
+            not isinstance(layers, list) or not layers or not all(isinstance(name, str) for name in layers)
+        ):
+            raise refuse(
+                f"config key 'sanity.layers' has the value {layers!r}; allowed: null (the model's blocks, "
+                "output first) or a non-empty list of module names, e.g. [fc, layer4, layer3]"
+            )
         return self
 
 
@@ -415,8 +443,10 @@ class EvaluateConfig(EntryConfig):
     @model_validator(mode="after")
     def _check_road_start(self) -> "EvaluateConfig":
         if "road" in self.families and self.road.percentages[0] != 0:  # the logit drop is measured from P = 0
-            raise refuse(f"config key 'road.percentages' has the value {self.road.percentages}; "
-                         "allowed: levels starting at 0 (the logit drop is measured from P = 0)")
+            raise refuse(
+                f"config key 'road.percentages' has the value {self.road.percentages}; "
+                "allowed: levels starting at 0 (the logit drop is measured from P = 0)"
+            )
         return self
 
 

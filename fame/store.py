@@ -121,6 +121,7 @@ class DamagedIndexWarning(UserWarning):
 
 def json_data(value: Any) -> Any:
     """``value`` as JSON data (dicts, lists, str, numbers, bool, None), as it reads back from the store."""
+
     def convert(item):
         if isinstance(item, Path):
             return str(item)
@@ -129,6 +130,7 @@ def json_data(value: Any) -> Any:
         if isinstance(item, (set, frozenset)):
             return sorted(item)
         raise TypeError(f"cannot record {type(item).__name__} {item!r} in the map store; pass JSON-like values")
+
     return json.loads(json.dumps(value, default=convert))
 
 
@@ -154,8 +156,11 @@ _ABSENT = _Absent()
 def differences(stored: Mapping, requested: Mapping) -> List[Tuple[str, Any, Any]]:
     """``(dotted key, stored value, requested value)`` for every leaf where two records differ."""
     left, right = _flatten(dict(stored)), _flatten(dict(requested))
-    return [(key, left.get(key, _ABSENT), right.get(key, _ABSENT))
-            for key in sorted(set(left) | set(right)) if left.get(key, _ABSENT) != right.get(key, _ABSENT)]
+    return [
+        (key, left.get(key, _ABSENT), right.get(key, _ABSENT))
+        for key in sorted(set(left) | set(right))
+        if left.get(key, _ABSENT) != right.get(key, _ABSENT)
+    ]
 
 
 def _method_differences(stored: Mapping, requested: Mapping) -> List[Tuple[str, Any, Any]]:
@@ -231,8 +236,6 @@ def _as_column(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(-1)
 
 
-
-
 def _index_line(record: Mapping) -> bytes:
     """One index line: the record's JSON prefixed by the CRC-32 of that JSON."""
     document = json.dumps(record, separators=(",", ":")).encode()
@@ -257,6 +260,7 @@ SEGMENT_NAME = re.compile(r"[0-9a-f]{16}-[0-9]+-[0-9a-f]{8}-[0-9]{4}" + re.escap
 def _well_formed(record: Dict, num_samples: int) -> bool:
     """Whether an index record names segments of this entry and rows of this store, with one
     offset, length, CRC-32 and stats row per row (the file is data: nothing else is used)."""
+
     def rows_in_range(values) -> bool:
         return all(isinstance(value, int) and 0 <= value < num_samples for value in values)
 
@@ -265,17 +269,32 @@ def _well_formed(record: Dict, num_samples: int) -> bool:
 
     if "discard" in record:
         return isinstance(record["discard"], list) and all(
-            isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and SEGMENT_NAME.fullmatch(item[0])
-            and isinstance(item[1], int) for item in record["discard"])
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and SEGMENT_NAME.fullmatch(item[0])
+            and isinstance(item[1], int)
+            for item in record["discard"]
+        )
     try:
         size = len(record["rows"])
-        return (isinstance(record["segment"], str) and bool(SEGMENT_NAME.fullmatch(record["segment"]))
-                and rows_in_range(record["rows"]) and len(set(record["rows"])) == size
-                and all(isinstance(sample_id, str) for sample_id in record["ids"])
-                and all(len(record[key]) == size for key in ("ids", "offsets", "lengths", "crc32", "stats"))
-                and counts(record["offsets"]) and counts(record["lengths"]) and counts(record["crc32"])
-                and all(isinstance(line, list) and len(line) == len(STAT_NAMES) and all(
-                    value is None or isinstance(value, (int, float)) for value in line) for line in record["stats"]))
+        return (
+            isinstance(record["segment"], str)
+            and bool(SEGMENT_NAME.fullmatch(record["segment"]))
+            and rows_in_range(record["rows"])
+            and len(set(record["rows"])) == size
+            and all(isinstance(sample_id, str) for sample_id in record["ids"])
+            and all(len(record[key]) == size for key in ("ids", "offsets", "lengths", "crc32", "stats"))
+            and counts(record["offsets"])
+            and counts(record["lengths"])
+            and counts(record["crc32"])
+            and all(
+                isinstance(line, list)
+                and len(line) == len(STAT_NAMES)
+                and all(value is None or isinstance(value, (int, float)) for value in line)
+                for line in record["stats"]
+            )
+        )
     except (KeyError, TypeError):
         return False
 
@@ -341,9 +360,11 @@ class _EntryIndex:
                 if record is not None and not _well_formed(record, self.num_samples):
                     record = None
                 if record is None:
-                    warnings.warn(f"{path}: line {number + 1} after byte {start} fails its checksum or is not an index "
-                                  "record; the rows it names read as missing and explain.py recomputes them",
-                                  DamagedIndexWarning)
+                    warnings.warn(
+                        f"{path}: line {number + 1} after byte {start} fails its checksum or is not an index "
+                        "record; the rows it names read as missing and explain.py recomputes them",
+                        DamagedIndexWarning,
+                    )
                     continue
                 fresh.append(record)
             self._consumed[path.name] = start + end
@@ -446,7 +467,7 @@ class _Writer:
 def _write_all(descriptor: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(descriptor, view):]
+        view = view[os.write(descriptor, view) :]
 
 
 def _close_writers(writers: Dict[str, _Writer]) -> None:
@@ -472,8 +493,10 @@ class StoreClaim:
         except BlockingIOError:
             holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "a process"
             os.close(descriptor)
-            raise StoreBusy(f"the map store at {path.parent} is being written by another explain run ({holder}); "
-                            "wait for it to finish (its rows are then skipped), or write to another store path") from None
+            raise StoreBusy(
+                f"the map store at {path.parent} is being written by another explain run ({holder}); "
+                "wait for it to finish (its rows are then skipped), or write to another store path"
+            ) from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
         self._release = weakref.finalize(self, os.close, descriptor)  # closing the descriptor releases the lock
@@ -481,7 +504,7 @@ class StoreClaim:
     def release(self) -> None:
         self._release()
 
-    def __enter__(self) -> "StoreClaim":
+    def __enter__(self) -> StoreClaim:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -500,18 +523,24 @@ class MapStore:
             if not self.path.exists():
                 raise FileNotFoundError(f"no map store at {self.path}; run explain.py first (it creates the store)")
             if version == LEGACY_VERSION:
-                raise LegacyStore(f"{self.path} is a map store of format {LEGACY_VERSION} (a file per map); convert it "
-                                  f"with: python -m fame.store convert {self.path} NEW_PATH")
+                raise LegacyStore(
+                    f"{self.path} is a map store of format {LEGACY_VERSION} (a file per map); convert it "
+                    f"with: python -m fame.store convert {self.path} NEW_PATH"
+                )
             if attributes is not None and "ids" in attributes:
                 raise StoreError(
                     f"{self.path} is a map store of an older fame version (no per-method settings or stats); "
                     "rerun explain.py with another store path, or delete it to recompute its maps"
                 )
             if version is not None:
-                raise StoreError(f"{self.path} is a map store of format {version}, newer than this fame version "
-                                 f"reads ({FORMAT_VERSION}); update fame")
-            raise StoreError(f"{self.path} is not a complete map store (its creation was interrupted); "
-                             "MapStore.create_or_open rebuilds it")
+                raise StoreError(
+                    f"{self.path} is a map store of format {version}, newer than this fame version "
+                    f"reads ({FORMAT_VERSION}); update fame"
+                )
+            raise StoreError(
+                f"{self.path} is not a complete map store (its creation was interrupted); "
+                "MapStore.create_or_open rebuilds it"
+            )
         self.num_samples = int(attributes["num_samples"])
         self.size = (int(attributes["height"]), int(attributes["width"]))
         self.meta: Dict = dict(attributes.get("meta") or {})
@@ -522,7 +551,9 @@ class MapStore:
         weakref.finalize(self, _close_writers, self._writers)
 
     @classmethod
-    def create_or_open(cls, path: PathLike, num_samples: int, size: Sequence[int], meta: Optional[Mapping] = None) -> "MapStore":
+    def create_or_open(
+        cls, path: PathLike, num_samples: int, size: Sequence[int], meta: Optional[Mapping] = None
+    ) -> MapStore:
         """Open the store at ``path``, creating it for ``num_samples`` rows of (H, W) maps if absent.
 
         Safe when many ranks call it at once: each builds a store in a staging directory and renames
@@ -533,7 +564,9 @@ class MapStore:
         path = Path(path)
         requested = {"num_samples": int(num_samples), "height": int(size[0]), "width": int(size[1])}
         if requested["num_samples"] < 1 or min(requested["height"], requested["width"]) < 1:
-            raise ValueError(f"a map store needs at least one row and a positive map size, got {num_samples} rows of {tuple(size)}")
+            raise ValueError(
+                f"a map store needs at least one row and a positive map size, got {num_samples} rows of {tuple(size)}"
+            )
         meta = json_data(dict(meta)) if meta is not None else None
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -545,8 +578,12 @@ class MapStore:
             if path.exists():
                 _discard(path, lambda directory: not {FORMAT_KEY, "ids"} & set(_read_attributes(directory) or {}))
             staging = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex}")
-            zarr.open_group(str(staging), mode="w-", zarr_format=3, attributes={
-                FORMAT_KEY: FORMAT_VERSION, **requested, "meta": meta or {}, "created": _now()})
+            zarr.open_group(
+                str(staging),
+                mode="w-",
+                zarr_format=3,
+                attributes={FORMAT_KEY: FORMAT_VERSION, **requested, "meta": meta or {}, "created": _now()},
+            )
             if _move_into_place(staging, path):
                 return cls(path)
 
@@ -558,7 +595,9 @@ class MapStore:
         if found:
             raise StoreMismatch(
                 f"the map store at {self.path} was made for other data:\n{_listing(found)}\n"
-                "Write these maps to another store path, or delete this store to start over.", found)
+                "Write these maps to another store path, or delete this store to start over.",
+                found,
+            )
 
     def claim(self) -> StoreClaim:
         """Take the store's run lock for this process (and its forks) or raise :class:`StoreBusy`
@@ -574,8 +613,11 @@ class MapStore:
     @property
     def methods(self) -> List[str]:
         """Names of the methods begun in this store (``begin_method``), sorted."""
-        return sorted(entry.name for entry in self.path.iterdir()
-                      if entry.is_dir() and not entry.name.startswith(".") and self._method_attributes(entry.name))
+        return sorted(
+            entry.name
+            for entry in self.path.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and self._method_attributes(entry.name)
+        )
 
     def outputs(self, method: str) -> List[str]:
         """The entries (readable map arrays) of ``method``: ``[method]``, or ``method/<output>`` per output."""
@@ -604,8 +646,15 @@ class MapStore:
             raise KeyError(f"no method {method!r} in the map store at {self.path}; it holds {self.methods}")
         return attributes
 
-    def begin_method(self, name: str, settings: Mapping, *, outputs: Sequence[str] = ("",),
-                     new_group: bool = False, provenance: Optional[Mapping] = None) -> str:
+    def begin_method(
+        self,
+        name: str,
+        settings: Mapping,
+        *,
+        outputs: Sequence[str] = ("",),
+        new_group: bool = False,
+        provenance: Optional[Mapping] = None,
+    ) -> str:
         """Start (or resume) writing maps of method ``name`` made with ``settings``; returns the name to write to.
 
         ``settings`` is everything the maps depend on (explainer options, data config, checkpoint
@@ -618,10 +667,16 @@ class MapStore:
         that creates the method and never compared. Safe when many ranks call it at once.
         """
         if not METHOD_NAME.fullmatch(name):
-            raise ValueError(f"method name {name!r} must consist of letters, digits, '_', '.', '-' (and an '@<n>' suffix)")
+            raise ValueError(
+                f"method name {name!r} must consist of letters, digits, '_', '.', '-' (and an '@<n>' suffix)"
+            )
         outputs = [str(output) for output in outputs]
-        if not outputs or len(set(outputs)) != len(outputs) or ("" in outputs and len(outputs) > 1) \
-                or not all(output == "" or OUTPUT_NAME.fullmatch(output) for output in outputs):
+        if (
+            not outputs
+            or len(set(outputs)) != len(outputs)
+            or ("" in outputs and len(outputs) > 1)
+            or not all(output == "" or OUTPUT_NAME.fullmatch(output) for output in outputs)
+        ):
             raise ValueError(f"outputs must be [''] or distinct names of letters, digits, '_', '.', '-'; got {outputs}")
         requested = {"settings": json_data(dict(settings)), "outputs": outputs}
         base, candidate, number = name.split("@")[0], name, 1
@@ -632,8 +687,15 @@ class MapStore:
                 return candidate
             if not _has_index_lines(self.path / candidate):  # unbound: no map written with the stored settings
                 self._forget(candidate)
-                _discard(self.path / candidate, lambda directory: not _has_index_lines(directory) and _method_differences(
-                    _read_attributes(directory) or {"settings": None, "outputs": None}, requested))
+                _discard(
+                    self.path / candidate,
+                    lambda directory: (
+                        not _has_index_lines(directory)
+                        and _method_differences(
+                            _read_attributes(directory) or {"settings": None, "outputs": None}, requested
+                        )
+                    ),
+                )
                 continue
             if not new_group:
                 following = self._next_group(base, requested)
@@ -641,7 +703,9 @@ class MapStore:
                     f"the map store at {self.path} holds maps of {candidate!r} made with other settings:\n"
                     f"{_listing(found)}\nThese maps would be stale for this run. Write to another store path, "
                     f"or pass new_group=True to keep both (this run then writes to {following!r}), "
-                    f"or delete {self.path / candidate} to recompute it.", found)
+                    f"or delete {self.path / candidate} to recompute it.",
+                    found,
+                )
             number += 1
             candidate = f"{base}@{number}"
 
@@ -649,7 +713,11 @@ class MapStore:
         number = 2
         while True:
             stored = self._method_attributes(f"{base}@{number}")
-            if stored is None or not _method_differences(stored, requested) or not _has_index_lines(self.path / f"{base}@{number}"):
+            if (
+                stored is None
+                or not _method_differences(stored, requested)
+                or not _has_index_lines(self.path / f"{base}@{number}")
+            ):
                 return f"{base}@{number}"
             number += 1
 
@@ -728,8 +796,14 @@ class MapStore:
         done = np.logical_and.reduce([self.completed(name) for name in entries])
         return np.flatnonzero(~done)
 
-    def write(self, entry: str, rows: Sequence[int], ids: Sequence[str], maps: Union[torch.Tensor, np.ndarray],
-              stats: Optional[Mapping[str, Any]] = None) -> None:
+    def write(
+        self,
+        entry: str,
+        rows: Sequence[int],
+        ids: Sequence[str],
+        maps: Union[torch.Tensor, np.ndarray],
+        stats: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         """Store maps (B, 1, H, W) or (B, H, W) of dataset ``rows`` with sample ``ids`` as float16.
 
         ``stats`` maps some of ``iterations``, ``initial_loss``, ``final_loss`` to (B,) values
@@ -743,8 +817,10 @@ class MapStore:
         ids = [str(sample_id) for sample_id in ids]
         maps = _as_maps(maps)
         if len(ids) != len(rows) or maps.shape != (len(rows), *self.size):
-            raise ValueError(f"write {len(rows)} rows with as many ids and maps of shape "
-                             f"({len(rows)}, 1, {self.size[0]}, {self.size[1]}); got {len(ids)} ids and maps {maps.shape}")
+            raise ValueError(
+                f"write {len(rows)} rows with as many ids and maps of shape "
+                f"({len(rows)}, 1, {self.size[0]}, {self.size[1]}); got {len(ids)} ids and maps {maps.shape}"
+            )
         if len(rows) == 0:
             return
         if rows.min() < 0 or rows.max() >= self.num_samples or len(np.unique(rows)) != len(rows):
@@ -752,12 +828,16 @@ class MapStore:
         half = torch.from_numpy(np.ascontiguousarray(maps)).half().numpy()  # as numpy's cast, several times faster
         broken = ~np.isfinite(half).all(axis=(1, 2))
         if broken.any():
-            raise ValueError(f"{entry}: maps of {[ids[i] for i in np.flatnonzero(broken)[:5]]} are not finite "
-                             "(NaN, Inf, or beyond float16's range); fix the explainer's input or settings")
+            raise ValueError(
+                f"{entry}: maps of {[ids[i] for i in np.flatnonzero(broken)[:5]]} are not finite "
+                "(NaN, Inf, or beyond float16's range); fix the explainer's input or settings"
+            )
         stats = {name: _as_column(values) for name, values in (stats or {}).items()}
         if set(stats) - set(STAT_NAMES) or any(len(values) != len(rows) for values in stats.values()):
-            raise ValueError(f"stats must map some of {list(STAT_NAMES)} to {len(rows)} values each, got "
-                             f"{ {name: len(values) for name, values in stats.items()} }")
+            raise ValueError(
+                f"stats must map some of {list(STAT_NAMES)} to {len(rows)} values each, got "
+                f"{ {name: len(values) for name, values in stats.items()} }"
+            )
         table = np.full((len(rows), len(STAT_NAMES)), np.nan, dtype=np.float32)
         for column, stat_name in enumerate(STAT_NAMES):
             if stat_name in stats:
@@ -768,9 +848,15 @@ class MapStore:
         if writer is None or writer.pid != os.getpid():  # a forked process writes files of its own
             writer = self._writers[entry] = _Writer(self.path / entry)
         segment, offsets = writer.append(blobs)
-        record = {"segment": segment, "rows": rows.tolist(), "ids": ids, "offsets": offsets,
-                  "lengths": [len(blob) for blob in blobs], "crc32": [zlib.crc32(blob) for blob in blobs],
-                  "stats": [[None if np.isnan(value) else float(value) for value in line] for line in table.tolist()]}
+        record = {
+            "segment": segment,
+            "rows": rows.tolist(),
+            "ids": ids,
+            "offsets": offsets,
+            "lengths": [len(blob) for blob in blobs],
+            "crc32": [zlib.crc32(blob) for blob in blobs],
+            "stats": [[None if np.isnan(value) else float(value) for value in line] for line in table.tolist()],
+        }
         writer.append_index(record)
         index.refresh(self._learn_ids)
 
@@ -816,7 +902,11 @@ class MapStore:
         return DamagedMaps(
             f"{entry}: {len(rows)} stored maps are damaged and not read: rows {rows[:5]}, ids {ids[:5]}"
             f"{' ...' if len(rows) > 5 else ''} ({'; '.join(reasons[:3])}); rerun explain.py, which recomputes them",
-            entry, rows, ids, damaged)
+            entry,
+            rows,
+            ids,
+            damaged,
+        )
 
     def verify(self, entry: str) -> Dict[int, str]:
         """Every written row of ``entry`` whose map bytes are missing, cut short or fail their CRC-32,
@@ -878,10 +968,15 @@ def convert(old: PathLike, new: PathLike, rows_per_step: int = 256) -> MapStore:
         for entry in target.outputs(method):
             done = np.flatnonzero(np.asarray(source[f"{entry}/done"][:], dtype=bool))
             for start in range(0, len(done), rows_per_step):
-                rows = done[start:start + rows_per_step]
+                rows = done[start : start + rows_per_step]
                 stats = np.asarray(source[f"{entry}/stats"].oindex[rows, :], dtype=np.float32)
-                target.write(entry, rows, ids[rows].tolist(), np.asarray(source[f"{entry}/maps"].oindex[rows]),
-                             stats={name: stats[:, k] for k, name in enumerate(STAT_NAMES)})
+                target.write(
+                    entry,
+                    rows,
+                    ids[rows].tolist(),
+                    np.asarray(source[f"{entry}/maps"].oindex[rows]),
+                    stats={name: stats[:, k] for k, name in enumerate(STAT_NAMES)},
+                )
     target.close()
     return target
 

@@ -70,8 +70,11 @@ def read_sweep(folder: Union[str, Path]) -> List[Dict[str, Any]]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no sweep folder at {folder}; `explain.py -m ...` writes one, "
-                                "<paths.experiment_dir>/multirun by default")
+        raise FileNotFoundError(
+            f"no sweep folder at {folder}; `explain.py -m ...` writes one, <paths.experiment_dir>/multirun by default"
+        )
     jobs = sorted((found.parent.parent for found in folder.glob(f"*/{JOB_FILES}/overrides.yaml")), key=_job_order)
-    return [{"store": str(job / STORE_NAME), "overrides": read_overrides(job / JOB_FILES / "overrides.yaml")}
-            for job in jobs]
+    return [
+        {"store": str(job / STORE_NAME), "overrides": read_overrides(job / JOB_FILES / "overrides.yaml")}
+        for job in jobs
+    ]

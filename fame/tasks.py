@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .files import ConfigError, instantiate
 from .data.modules import collate_items, limited, split_dataset
 from .explain.guard import explaining
 from .explain.objectives import VERIFICATION_MODES
 from .explain.registry import MethodResult, get_method, method_names
+from .files import ConfigError, instantiate
 from .metrics.faithfulness import curve_auc, deletion_curve, remove_top_pixels
 from .metrics.verification import eer_threshold
 
@@ -95,8 +95,9 @@ class Task:
         """The dataset whose samples are explained, from a data config node."""
         raise NotImplementedError
 
-    def pair_threshold(self, model: nn.Module, dataset: Dataset, batch_size: int,
-                       device: torch.device = torch.device("cpu")) -> Optional[Tuple[float, float]]:
+    def pair_threshold(
+        self, model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device = torch.device("cpu")
+    ) -> Optional[Tuple[float, float]]:
         """(threshold, EER) of a pair task's clean scores; None for a task without a decision threshold."""
         return None
 
@@ -134,7 +135,8 @@ class Task:
             raise AttributeError(
                 f"{owner} explains {self.name} through {type(module).__name__}.{self.network_attribute}, which is "
                 f"{'missing' if network is None else type(network).__name__}; give the LightningModule a "
-                f"`{self.network_attribute}` attribute holding the network ({self.network_returns} out)")
+                f"`{self.network_attribute}` attribute holding the network ({self.network_returns} out)"
+            )
         return network
 
     def checked_network(self, network: nn.Module, data: Mapping[str, Any], checkpoint: str) -> nn.Module:
@@ -155,8 +157,17 @@ class Task:
         """The entries drawn over the explained image in the example grid."""
         return list(entries)
 
-    def score_rows(self, scoring: Any, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                   targets: Optional[Tensor], threshold: Optional[float], ids: Sequence[str]) -> List[Dict[str, Any]]:
+    def score_rows(
+        self,
+        scoring: Any,
+        model: nn.Module,
+        entry: str,
+        maps: Tensor,
+        batch: Dict[str, Any],
+        targets: Optional[Tensor],
+        threshold: Optional[float],
+        ids: Sequence[str],
+    ) -> List[Dict[str, Any]]:
         """The task's score rows of one entry's maps (besides localisation), through ``scoring``
         (:class:`fame.scoring.Scoring`)."""
         return []
@@ -167,13 +178,21 @@ class Task:
         """The explained image and what it is explained against, as fields of a monitor probe."""
         raise NotImplementedError
 
-    def monitor_inputs(self, model: nn.Module, probes: Sequence[Any], target: str,
-                       device: torch.device) -> Tuple[Any, List[Dict[str, Any]]]:
+    def monitor_inputs(
+        self, model: nn.Module, probes: Sequence[Any], target: str, device: torch.device
+    ) -> Tuple[Any, List[Dict[str, Any]]]:
         """(the method's third argument, per-probe values shown in the grid titles) of the monitor's probes."""
         raise NotImplementedError
 
-    def monitor_scores(self, model: nn.Module, images: Tensor, other: Any, maps: Tensor,
-                       deletion_fractions: Sequence[float], removal_fraction: float) -> Dict[str, Tensor]:
+    def monitor_scores(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        other: Any,
+        maps: Tensor,
+        deletion_fractions: Sequence[float],
+        removal_fraction: float,
+    ) -> Dict[str, Tensor]:
         """The monitor's faithfulness score (name -> (B,)) of one method's maps."""
         raise NotImplementedError
 
@@ -218,9 +237,11 @@ class ClassificationTask(Task):
         classes = data.get("num_classes")
         outputs = [layer.out_features for layer in network.modules() if isinstance(layer, nn.Linear)][-1:]
         if classes is not None and outputs and outputs[0] != classes:
-            raise ConfigError(f"checkpoint={checkpoint} holds a classifier of {outputs[0]} classes, but the data has "
-                              f"data.num_classes={classes}; give the checkpoint of a model trained on this data, or "
-                              "the experiment= it was trained with")
+            raise ConfigError(
+                f"checkpoint={checkpoint} holds a classifier of {outputs[0]} classes, but the data has "
+                f"data.num_classes={classes}; give the checkpoint of a model trained on this data, or "
+                "the experiment= it was trained with"
+            )
         return network
 
     def batch_targets(self, model: nn.Module, batch: Dict[str, Any]) -> Callable[[str], Optional[Tensor]]:
@@ -237,25 +258,44 @@ class ClassificationTask(Task):
 
         return targets
 
-    def score_rows(self, scoring: Any, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                   targets: Optional[Tensor], threshold: Optional[float], ids: Sequence[str]) -> List[Dict[str, Any]]:
+    def score_rows(
+        self,
+        scoring: Any,
+        model: nn.Module,
+        entry: str,
+        maps: Tensor,
+        batch: Dict[str, Any],
+        targets: Optional[Tensor],
+        threshold: Optional[float],
+        ids: Sequence[str],
+    ) -> List[Dict[str, Any]]:
         return scoring.classification_rows(model, entry, maps, batch["image"], targets, ids)
 
     def probe_fields(self, item: Mapping[str, Any], sample_id: str) -> Dict[str, Any]:
         return {"image": torch.as_tensor(item["image"]).float(), "label": int(item["label"])}
 
-    def monitor_inputs(self, model: nn.Module, probes: Sequence[Any], target: str,
-                       device: torch.device) -> Tuple[Any, List[Dict[str, Any]]]:
+    def monitor_inputs(
+        self, model: nn.Module, probes: Sequence[Any], target: str, device: torch.device
+    ) -> Tuple[Any, List[Dict[str, Any]]]:
         images = torch.stack([probe.image for probe in probes]).to(device)
         labels = torch.tensor([probe.label for probe in probes], device=device)
         with explaining(model):
             predictions = model(images).argmax(dim=1)
-        shown = [{"label": label, "prediction": prediction}
-                 for label, prediction in zip(labels.tolist(), predictions.tolist())]
+        shown = [
+            {"label": label, "prediction": prediction}
+            for label, prediction in zip(labels.tolist(), predictions.tolist())
+        ]
         return (predictions if target == "prediction" else labels), shown
 
-    def monitor_scores(self, model: nn.Module, images: Tensor, other: Any, maps: Tensor,
-                       deletion_fractions: Sequence[float], removal_fraction: float) -> Dict[str, Tensor]:
+    def monitor_scores(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        other: Any,
+        maps: Tensor,
+        deletion_fractions: Sequence[float],
+        removal_fraction: float,
+    ) -> Dict[str, Tensor]:
         """The normalized AUC of the target's softmax as the top pixels are zeroed."""
         curve = deletion_curve(model, images, maps, other, deletion_fractions, mode="deletion")
         return {"deletion_auc": curve_auc(curve, deletion_fractions).cpu()}
@@ -275,8 +315,9 @@ class VerificationTask(Task):
     network_attribute, network_returns = "embedder", "embeddings"
     families = ("localization", "verification")
     images_per_sample = len(VERIFICATION_MODES)  # e+ and e- run as one batch
-    input_space_error = ("input_space=normalized applies to classifiers; face models normalize inside and are "
-                         "perturbed in [0, 1] pixels")
+    input_space_error = (
+        "input_space=normalized applies to classifiers; face models normalize inside and are perturbed in [0, 1] pixels"
+    )
 
     def sample_mask_key(self, mask_key: str) -> str:
         return f"probe_{mask_key}"
@@ -286,8 +327,9 @@ class VerificationTask(Task):
             raise ConfigError("data.pairs is missing: a verification data config names the pairs to explain")
         return split_dataset(instantiate(data.pairs, "data.pairs"), "predict")
 
-    def pair_threshold(self, model: nn.Module, dataset: Dataset, batch_size: int,
-                       device: torch.device = torch.device("cpu")) -> Optional[Tuple[float, float]]:
+    def pair_threshold(
+        self, model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device = torch.device("cpu")
+    ) -> Optional[Tuple[float, float]]:
         """(threshold, EER) of the clean cosine similarities of every pair of ``dataset``: FGGB's theta
         and the fixed decision threshold of the verification deletion / insertion protocol."""
         scores, labels = [], []
@@ -321,8 +363,17 @@ class VerificationTask(Task):
     def shown_entries(self, entries: Sequence[str]) -> List[str]:
         return [entry for entry in entries if entry.split("/")[-1].startswith("probe.")]
 
-    def score_rows(self, scoring: Any, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                   targets: Optional[Tensor], threshold: Optional[float], ids: Sequence[str]) -> List[Dict[str, Any]]:
+    def score_rows(
+        self,
+        scoring: Any,
+        model: nn.Module,
+        entry: str,
+        maps: Tensor,
+        batch: Dict[str, Any],
+        targets: Optional[Tensor],
+        threshold: Optional[float],
+        ids: Sequence[str],
+    ) -> List[Dict[str, Any]]:
         """Tab. 2 rows of the probe's e+ maps (the probe alone is perturbed), in the "verification" family."""
         if "verification" not in scoring.families or not entry.endswith("probe.similar"):
             return []
@@ -331,15 +382,26 @@ class VerificationTask(Task):
     def probe_fields(self, item: Mapping[str, Any], sample_id: str) -> Dict[str, Any]:
         from .data.face_modules import as_image_tensor
 
-        return {"image": as_image_tensor(item["probe"], f"pair {sample_id}"),
-                "reference": as_image_tensor(item["gallery"], f"pair {sample_id}"), "same": bool(item["same"])}
+        return {
+            "image": as_image_tensor(item["probe"], f"pair {sample_id}"),
+            "reference": as_image_tensor(item["gallery"], f"pair {sample_id}"),
+            "same": bool(item["same"]),
+        }
 
-    def monitor_inputs(self, model: nn.Module, probes: Sequence[Any], target: str,
-                       device: torch.device) -> Tuple[Any, List[Dict[str, Any]]]:
+    def monitor_inputs(
+        self, model: nn.Module, probes: Sequence[Any], target: str, device: torch.device
+    ) -> Tuple[Any, List[Dict[str, Any]]]:
         return torch.stack([probe.reference for probe in probes]).to(device), [{} for _ in probes]
 
-    def monitor_scores(self, model: nn.Module, images: Tensor, other: Any, maps: Tensor,
-                       deletion_fractions: Sequence[float], removal_fraction: float) -> Dict[str, Tensor]:
+    def monitor_scores(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        other: Any,
+        maps: Tensor,
+        deletion_fractions: Sequence[float],
+        removal_fraction: float,
+    ) -> Dict[str, Tensor]:
         """cos(g, p) - cos(g, p with its top e+ pixels zeroed)."""
         removed = remove_top_pixels(images, maps, removal_fraction)
         gallery = F.normalize(model(other), dim=1)
@@ -396,6 +458,16 @@ def sample_task(item: Mapping[str, Any], where: str) -> Task:
     raise KeyError(f"{where} has keys {sorted(item)}; expected {expected}")
 
 
-__all__ = ["ClassificationTask", "INPUT_SPACES", "Task", "VerificationTask", "explained_inputs", "explainer",
-           "predicted_classes",
-           "register_task", "sample_task", "task_names", "task_of"]
+__all__ = [
+    "ClassificationTask",
+    "INPUT_SPACES",
+    "Task",
+    "VerificationTask",
+    "explained_inputs",
+    "explainer",
+    "predicted_classes",
+    "register_task",
+    "sample_task",
+    "task_names",
+    "task_of",
+]

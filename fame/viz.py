@@ -87,16 +87,21 @@ def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -
     import pandas as pd
 
     frame = pd.read_csv(metrics_csv)
-    panels = {name: sorted(c for c in frame.columns if c.startswith("monitor/") and f"/{name}/" in c)
-              for name in ("pointing_game", "relevance_mass")}
+    panels = {
+        name: sorted(c for c in frame.columns if c.startswith("monitor/") and f"/{name}/" in c)
+        for name in ("pointing_game", "relevance_mass")
+    }
     if not any(panels.values()) or "epoch" not in frame.columns:
         return None
     per_epoch = frame.groupby("epoch").mean(numeric_only=True)
     figure = Figure(figsize=(15, 4))
     axes = figure.subplots(1, 3)
     accuracy = axes[0]
-    for column, label in (("train/acc_epoch", "train accuracy"), ("val/acc", "validation accuracy"),
-                          ("val/acc_mean", "verification accuracy (10-fold)")):
+    for column, label in (
+        ("train/acc_epoch", "train accuracy"),
+        ("val/acc", "validation accuracy"),
+        ("val/acc_mean", "verification accuracy (10-fold)"),
+    ):
         if column in per_epoch:
             values = per_epoch[column].dropna()
             accuracy.plot(values.index, values, marker="o", label=label)
@@ -109,8 +114,13 @@ def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -
         for column in columns:
             values = per_epoch[column].dropna()
             method, _, mask = column.removeprefix("monitor/").partition(f"/{name}/")
-            axis.plot(values.index, values, marker="o", linestyle="-" if method == "fame" else ":",
-                      label=f"{method} on {mask}")
+            axis.plot(
+                values.index,
+                values,
+                marker="o",
+                linestyle="-" if method == "fame" else ":",
+                label=f"{method} on {mask}",
+            )
         axis.set_title(f"monitor: {name.replace('_', ' ')} (validation probes)")
         axis.legend(fontsize=8)
     for axis in axes:

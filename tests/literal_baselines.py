@@ -18,8 +18,9 @@ def literal_rise_mask(grid, shift, size):
     """Petsiuk et al.'s mask: resize the s x s grid to (s + 1) * cell (skimage, order 1, reflect) and crop."""
     height, width = size
     cell_h, cell_w = math.ceil(height / grid.shape[0]), math.ceil(width / grid.shape[1])
-    up = resize(grid, ((grid.shape[0] + 1) * cell_h, (grid.shape[1] + 1) * cell_w), order=1, mode="reflect",
-                anti_aliasing=False)
+    up = resize(
+        grid, ((grid.shape[0] + 1) * cell_h, (grid.shape[1] + 1) * cell_w), order=1, mode="reflect", anti_aliasing=False
+    )
     return up[shift[0] : shift[0] + height, shift[1] : shift[1] + width]
 
 
@@ -143,7 +144,9 @@ def literal_causal_metric(net, normalized_image, explanation, mode, step):
             scores[i] = net(start).softmax(dim=1)[0, target].item()
             if i < steps:
                 coords = salient_order[:, step * i : step * (i + 1)]
-                start.numpy().reshape(1, channels, pixels)[0, :, coords] = finish.numpy().reshape(1, channels, pixels)[0, :, coords]
+                start.numpy().reshape(1, channels, pixels)[0, :, coords] = finish.numpy().reshape(1, channels, pixels)[
+                    0, :, coords
+                ]
     return scores, literal_rise_auc(scores)
 
 

@@ -39,8 +39,17 @@ def naive_gaussian_blur(array, kernel, sigma):
     return out
 
 
-def naive_fame(loss_of_one, image, step_size, iterations, epsilon=None, blur_kernel=None, blur_sigma=1.0,
-               normalization="minmax", clamp=None):
+def naive_fame(
+    loss_of_one,
+    image,
+    step_size,
+    iterations,
+    epsilon=None,
+    blur_kernel=None,
+    blur_sigma=1.0,
+    normalization="minmax",
+    clamp=None,
+):
     """FAME map (H, W) as a numpy array for one image (C, H, W) and a scalar loss function."""
     x = image.clone()
     for _ in range(iterations):

@@ -53,7 +53,9 @@ class TinyBackbone(nn.Module):
     def __init__(self, channels: int = 3, seed: int = 2):
         super().__init__()
         seeded(seed)
-        self.stage1 = nn.Sequential(nn.Conv2d(channels, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 6, 3, stride=2, padding=1))
+        self.stage1 = nn.Sequential(
+            nn.Conv2d(channels, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 6, 3, stride=2, padding=1)
+        )
         self.stage2 = nn.Sequential(nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1))
         self.head = nn.Linear(4, 3)
         self.unused = nn.Conv2d(6, 6, 1)

@@ -24,8 +24,10 @@ from fame.store import MapStore
 
 SIZE = 12
 FAME_OPTIONS = {"iterations": 4, "step_size": 0.05, "epsilon": -0.2, "blur_kernel": 3, "blur_sigma": 1.0}
-SETTINGS = {"fame": {"options": FAME_OPTIONS, "model": "TinyClassifier(seed=0).double()"},
-            "random": {"options": {"seed": 7}}}
+SETTINGS = {
+    "fame": {"options": FAME_OPTIONS, "model": "TinyClassifier(seed=0).double()"},
+    "random": {"options": {"seed": 7}},
+}
 
 
 class NoiseImages(Dataset):
@@ -52,7 +54,9 @@ class Compute:
     def __call__(self, model, batch):
         from fame.explain.registry import get_method
 
-        result = get_method(self.name, "classification")(model, batch["image"], batch["label"], ids=batch["id"], **self.options)
+        result = get_method(self.name, "classification")(
+            model, batch["image"], batch["label"], ids=batch["id"], **self.options
+        )
         if self.trace:
             with open(f"{self.trace}.{os.getpid()}", "a") as file:
                 file.writelines(f"{self.name} {sample_id}\n" for sample_id in batch["id"])
@@ -60,8 +64,16 @@ class Compute:
         return result
 
 
-def explain(store_path, samples: int, batch_size: int, devices: int = 1, strategy: str = "auto",
-            delay: float = 0.0, trace: str | None = None, methods=("fame", "random")) -> MapStore:
+def explain(
+    store_path,
+    samples: int,
+    batch_size: int,
+    devices: int = 1,
+    strategy: str = "auto",
+    delay: float = 0.0,
+    trace: str | None = None,
+    methods=("fame", "random"),
+) -> MapStore:
     """Explain ``NoiseImages(samples)`` into the store at ``store_path`` as explain.py does."""
     from fame.stages.explain import claim_for_run  # imported here so that ``create`` processes start quickly
 
@@ -78,18 +90,30 @@ def explain(store_path, samples: int, batch_size: int, devices: int = 1, strateg
 def explain_rows(store, dataset, batch_size, devices, strategy, delay, trace, methods) -> MapStore:
     """The rows of ``dataset`` still missing in ``store``, explained through ``Trainer.predict``."""
     import lightning as L
+    from nets import TinyClassifier
     from torch.utils.data import DataLoader
 
     from fame.lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
-    from nets import TinyClassifier
 
-    entries = [ExplainMethod(store.begin_method(name, SETTINGS[name], provenance={"script": __file__}),
-                             Compute(name, SETTINGS[name]["options"], delay, trace)) for name in methods]
+    entries = [
+        ExplainMethod(
+            store.begin_method(name, SETTINGS[name], provenance={"script": __file__}),
+            Compute(name, SETTINGS[name]["options"], delay, trace),
+        )
+        for name in methods
+    ]
     rows = MissingRows(dataset, store, [entry.name for entry in entries])
     if len(rows) == 0:
         return store
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[MapWriter(store.path), ExplainProgressBar()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[MapWriter(store.path), ExplainProgressBar()],
+    )
     module = ExplainModule(TinyClassifier(seed=0).double(), entries, store.path)
     trainer.predict(module, DataLoader(rows, batch_size=batch_size), return_predictions=False)
     return store
@@ -120,8 +144,15 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--trace")
     arguments = parser.parse_args()
-    explain(arguments.store, arguments.samples, arguments.batch_size, arguments.devices, arguments.strategy,
-            arguments.delay, arguments.trace)
+    explain(
+        arguments.store,
+        arguments.samples,
+        arguments.batch_size,
+        arguments.devices,
+        arguments.strategy,
+        arguments.delay,
+        arguments.trace,
+    )
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from nets import TinyClassifier
 
 from fame.explain.baselines import cam_maps, centre_gaussian_maps, random_maps, sample_seed, sobel_maps
-
-from nets import TinyClassifier
 
 
 def literal_gradcam(model, layer, image, target):

@@ -27,7 +27,10 @@ def test_metrics_speed_writes_both_implementations_and_per_percentage_figures(tm
     for side in ("ours_cpu", "grad_cam_cpu"):
         assert figures[side]["seconds"] > 0 and figures[side]["images_per_second"] > 0
     # both solve the same system: the curves differ by about the N(0, 0.01) noise, not more
-    assert figures["grad_cam_vs_ours_mean_abs_logit_difference"] < 5 * figures["noise_floor_mean_abs_logit_difference"] + 1e-3
+    assert (
+        figures["grad_cam_vs_ours_mean_abs_logit_difference"]
+        < 5 * figures["noise_floor_mean_abs_logit_difference"] + 1e-3
+    )
     assert len(figures["mean_curve_ours"]) == len(figures["mean_curve_grad_cam"]) == 9
 
 
@@ -50,11 +53,15 @@ def test_the_fastest_setting_is_named_only_with_agreement_on_both_networks(tmp_p
     fame_speed = importlib.import_module("fame_speed")
     report = fame_speed.Report(tmp_path, torch.device("cpu"), SimpleNamespace(quick=True, iterations=3))
     agreeing = {"spearman_median": 0.999, "spearman_p5": 0.99}
-    resnet50 = [{"setting": name, "images_per_s": speed, **agreeing}
-                for name, speed in (("32", 1.0), ("bf16-mixed", 3.0), ("bf16-mixed + compile", 5.0))]
+    resnet50 = [
+        {"setting": name, "images_per_s": speed, **agreeing}
+        for name, speed in (("32", 1.0), ("bf16-mixed", 3.0), ("bf16-mixed + compile", 5.0))
+    ]
     trained = [{"setting": name, **agreeing} for name in ("32", "bf16-mixed")]
-    report.figures["sections"] = {"resnet50": {"description": "", "rows": resnet50},
-                                  "trained": {"description": "", "rows": trained}}
+    report.figures["sections"] = {
+        "resnet50": {"description": "", "rows": resnet50},
+        "trained": {"description": "", "rows": trained},
+    }
     assert report.fastest_meeting_bar() == {"setting": "bf16-mixed", "images_per_s": 3.0}
     assert report.faster_checked_on_resnet50_only() == {"setting": "bf16-mixed + compile", "images_per_s": 5.0}
     report.write()

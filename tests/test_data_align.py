@@ -126,10 +126,15 @@ def test_missing_detector_models_give_instructions(tmp_path, monkeypatch):
     input_dir, _ = write_input(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     expected_root = tmp_path / "home" / ".insightface" / "models" / "buffalo_l"
-    with pytest.raises(FileNotFoundError, match=rf"No insightface detector found in {expected_root}.*det_10g.onnx.*--landmarks"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"No insightface detector found in {expected_root}.*det_10g.onnx.*--landmarks"
+    ):
         align_faces(input_dir, tmp_path / "out")
     (tmp_path / "models").mkdir()
-    with pytest.raises(FileNotFoundError, match=rf"No insightface detector found in {tmp_path / 'models'}: expected the model pack's ONNX files"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"No insightface detector found in {tmp_path / 'models'}: expected the model pack's ONNX files",
+    ):
         align_faces(input_dir, tmp_path / "out", model_root=tmp_path / "models")
     assert not (tmp_path / "out").exists()
 
@@ -139,7 +144,9 @@ def test_a_model_folder_without_a_detector_is_named(tmp_path):
     # A real ONNX file that insightface routes as a recognition model, not a detector.
     pixels = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])
     output = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 3, 112, 112])
-    graph = helper.make_graph([helper.make_node("Identity", ["input.1"], ["embedding"])], "recognition", [pixels], [output])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input.1"], ["embedding"])], "recognition", [pixels], [output]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     (tmp_path / "pack").mkdir()

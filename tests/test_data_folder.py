@@ -30,7 +30,11 @@ def bright_box(image: torch.Tensor) -> torch.Tensor:
     return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
 
 
-BOXES = {"dog/b.png": (30, 40, (4, 16, 24, 28)), "cat/a.jpg": (40, 30, (4, 6, 20, 18)), "cat/sub/c.png": (40, 60, (6, 20, 30, 58))}
+BOXES = {
+    "dog/b.png": (30, 40, (4, 16, 24, 28)),
+    "cat/a.jpg": (40, 30, (4, 6, 20, 18)),
+    "cat/sub/c.png": (40, 60, (6, 20, 30, 58)),
+}
 
 
 @pytest.fixture
@@ -49,7 +53,11 @@ def folder(tmp_path):
 def test_classes_are_sorted_subfolders_and_ids_relative_paths(folder):
     dataset = ImageFolderDataset(folder)
     assert dataset.classes == ["cat", "dog"]
-    assert [(item["id"], item["label"]) for item in dataset] == [("cat/a.jpg", 0), ("cat/sub/c.png", 0), ("dog/b.png", 1)]
+    assert [(item["id"], item["label"]) for item in dataset] == [
+        ("cat/a.jpg", 0),
+        ("cat/sub/c.png", 0),
+        ("dog/b.png", 1),
+    ]
     assert dataset[2]["image"].shape == (3, 40, 30)
     assert set(dataset[0]) == {"image", "label", "id"}
 
@@ -101,8 +109,10 @@ def test_corrupt_class_image_fails_or_is_skipped(folder):
 
 
 def test_identity_folders(tmp_path):
-    pixels = {name: np.random.default_rng(seed).integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
-              for seed, name in enumerate(["id_b/2.png", "id_b/1.png", "id_a/x.png", "id_c/deep/y.png"])}
+    pixels = {
+        name: np.random.default_rng(seed).integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
+        for seed, name in enumerate(["id_b/2.png", "id_b/1.png", "id_a/x.png", "id_c/deep/y.png"])
+    }
     for name, image in pixels.items():
         save(tmp_path / name, image)
     (tmp_path / "empty_folder").mkdir()

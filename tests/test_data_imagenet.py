@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from fame.data import ImageNetValidation, build_imagenet_subset
-from fame.data.images import CorruptSampleError
 from fame.data.imagenet import read_protocol, write_protocol
+from fame.data.images import CorruptSampleError
 
 SYNSETS = ["n01440764 tench, Tinca tinca", "n01443537 goldfish, Carassius auratus", "n01484850 great white shark"]
 
@@ -48,11 +48,15 @@ def write_solution_csv(path: Path, rows: dict[str, list[tuple[str, tuple[int, ..
 
 def write_voc(folder: Path, image_id: str, width: int, height: int, objects) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    parts = [f"<annotation><folder>val</folder><filename>{image_id}</filename>"
-             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    parts = [
+        f"<annotation><folder>val</folder><filename>{image_id}</filename>"
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+    ]
     for wnid, (x0, y0, x1, y1) in objects:
-        parts.append(f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
-                     f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+        parts.append(
+            f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+            f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        )
     parts.append("</annotation>")
     (folder / f"{image_id}.xml").write_text("".join(parts))
 
@@ -79,7 +83,11 @@ def imagenet(tmp_path):
         write_image(images / f"{image_id}{extension}", rectangle_image(width, height, box))
         rows[image_id] = [(wnid, box)]
         write_voc(tmp_path / "xml", image_id, width, height, [(wnid, box)])
-    return images, write_mapping(tmp_path / "LOC_synset_mapping.txt"), write_solution_csv(tmp_path / "LOC_val_solution.csv", rows)
+    return (
+        images,
+        write_mapping(tmp_path / "LOC_synset_mapping.txt"),
+        write_solution_csv(tmp_path / "LOC_val_solution.csv", rows),
+    )
 
 
 @pytest.mark.parametrize("annotation_kind", ["csv", "xml"])
@@ -101,28 +109,38 @@ def test_box_values_follow_the_torchvision_geometry(imagenet):
     images, mapping, solution = imagenet
     boxes = {item["id"]: item["boxes"][0] for item in ImageNetValidation(images, mapping, solution, resize=36, crop=32)}
     # 64x40 -> (57, 36), left round(12.5) = 12, top 2.
-    torch.testing.assert_close(boxes["ILSVRC2012_val_00000001"], torch.tensor([16 * 57 / 64 - 12, 7.0, 48 * 57 / 64 - 12, 25.0]))
+    torch.testing.assert_close(
+        boxes["ILSVRC2012_val_00000001"], torch.tensor([16 * 57 / 64 - 12, 7.0, 48 * 57 / 64 - 12, 25.0])
+    )
     # 40x64 -> (36, 57), left 2, top 12; the box top is cut by the crop.
     torch.testing.assert_close(boxes["ILSVRC2012_val_00000002"], torch.tensor([3.4, 0.0, 25.0, 20 * 57 / 64 - 12]))
     # 50x70 -> (36, int(50.4) = 50), left 2, top 9; the box bottom is cut by the crop.
-    torch.testing.assert_close(boxes["ILSVRC2012_val_00000003"], torch.tensor([36 / 5 - 2, 30 * 50 / 70 - 9, 26.8, 32.0]))
+    torch.testing.assert_close(
+        boxes["ILSVRC2012_val_00000003"], torch.tensor([36 / 5 - 2, 30 * 50 / 70 - 9, 26.8, 32.0])
+    )
 
 
 def test_default_preprocessing_is_232_then_224(tmp_path):
     image_id = "ILSVRC2012_val_00000009"
     write_image(tmp_path / "val" / "n01440764" / f"{image_id}.JPEG", rectangle_image(300, 250, (100, 50, 200, 200)))
-    solution = write_solution_csv(tmp_path / "s.csv", {image_id: [("n01440764", (100, 50, 200, 200)), ("n01440764", (0, 0, 10, 10))]})
+    solution = write_solution_csv(
+        tmp_path / "s.csv", {image_id: [("n01440764", (100, 50, 200, 200)), ("n01440764", (0, 0, 10, 10))]}
+    )
     item = ImageNetValidation(tmp_path / "val", write_mapping(tmp_path / "m.txt"), solution)[0]
     assert item["image"].shape == (3, 224, 224)
     scale_x, scale_y = 278 / 300, 232 / 250  # int(232 * 300 / 250) = 278
     left, top = 27, 4  # round(54 / 2), round(8 / 2)
-    expected = torch.tensor([[100 * scale_x - left, 50 * scale_y - top, 200 * scale_x - left, 200 * scale_y - top], [0, 0, 0, 5.28]])
+    expected = torch.tensor(
+        [[100 * scale_x - left, 50 * scale_y - top, 200 * scale_x - left, 200 * scale_y - top], [0, 0, 0, 5.28]]
+    )
     torch.testing.assert_close(item["boxes"], expected)
     assert torch.all((bright_box(item["image"]) - item["boxes"][0]).abs() <= 1.0)
 
 
 def test_label_is_the_line_index_of_the_full_mapping(tmp_path):
-    mapping = write_mapping(tmp_path / "LOC_synset_mapping.txt", [f"n{index:08d} class {index}, other name" for index in range(1000)])
+    mapping = write_mapping(
+        tmp_path / "LOC_synset_mapping.txt", [f"n{index:08d} class {index}, other name" for index in range(1000)]
+    )
     write_image(tmp_path / "val" / "a.png", rectangle_image(8, 8, (1, 1, 4, 4)))
     solution = write_solution_csv(tmp_path / "s.csv", {"a": [("n00000999", (1, 1, 4, 4))]})
     dataset = ImageNetValidation(tmp_path / "val", mapping, solution, resize=None, crop=None)
@@ -132,8 +150,11 @@ def test_label_is_the_line_index_of_the_full_mapping(tmp_path):
 
 
 def synthetic_solution(tmp_path, per_label: int) -> Path:
-    rows = {f"ILSVRC2012_val_{label * 100 + i:08d}": [(SYNSETS[label].split()[0], (0, 0, 4, 4))]
-            for label in range(3) for i in range(per_label)}
+    rows = {
+        f"ILSVRC2012_val_{label * 100 + i:08d}": [(SYNSETS[label].split()[0], (0, 0, 4, 4))]
+        for label in range(3)
+        for i in range(per_label)
+    }
     return write_solution_csv(tmp_path / "LOC_val_solution.csv", rows)
 
 
@@ -144,7 +165,9 @@ def test_subset_is_deterministic_per_class_and_round_trips(tmp_path):
     assert len(subset) == 15 and len(set(subset)) == 15
     assert [int(image_id[-8:]) // 100 for image_id in subset] == [0] * 5 + [1] * 5 + [2] * 5
     assert subset != build_imagenet_subset(solution, mapping, per_class=5, seed=1)
-    assert set(build_imagenet_subset(solution, mapping, per_class=20)) == {f"ILSVRC2012_val_{label * 100 + i:08d}" for label in range(3) for i in range(12)}
+    assert set(build_imagenet_subset(solution, mapping, per_class=20)) == {
+        f"ILSVRC2012_val_{label * 100 + i:08d}" for label in range(3) for i in range(12)
+    }
     protocol = tmp_path / "protocol.txt"
     write_protocol(protocol, subset)
     assert protocol.read_text().splitlines() == subset
@@ -167,7 +190,9 @@ def test_protocol_file_selects_and_orders_the_items(imagenet, tmp_path):
 def test_format_errors_name_the_file_and_what_was_expected(imagenet, tmp_path):
     images, mapping, solution = imagenet
     (tmp_path / "bad.csv").write_text("Image,Boxes\nx,n01440764 1 2 3 4\n")
-    with pytest.raises(ValueError, match=r"bad.csv: expected the columns ImageId,PredictionString.*found \['Image', 'Boxes'\]"):
+    with pytest.raises(
+        ValueError, match=r"bad.csv: expected the columns ImageId,PredictionString.*found \['Image', 'Boxes'\]"
+    ):
         ImageNetValidation(images, mapping, tmp_path / "bad.csv")
     (tmp_path / "short.csv").write_text("ImageId,PredictionString\nx,n01440764 1 2 3\n")
     with pytest.raises(ValueError, match=r"short.csv, row 2: .*multiple of 5"):
@@ -187,8 +212,14 @@ def test_corrupt_image_fails_or_is_skipped(imagenet):
     images, mapping, solution = imagenet
     path = images / "ILSVRC2012_val_00000001.JPEG"
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(CorruptSampleError, match=r"ILSVRC2012_val_00000001.JPEG \(ImageId ILSVRC2012_val_00000001\): cannot decode"):
+    with pytest.raises(
+        CorruptSampleError, match=r"ILSVRC2012_val_00000001.JPEG \(ImageId ILSVRC2012_val_00000001\): cannot decode"
+    ):
         ImageNetValidation(images, mapping, solution)[0]
     dataset = ImageNetValidation(images, mapping, solution, resize=36, crop=32, skip_corrupt=True)
-    assert [item["id"] for item in dataset] == ["ILSVRC2012_val_00000002", "ILSVRC2012_val_00000002", "ILSVRC2012_val_00000003"]
+    assert [item["id"] for item in dataset] == [
+        "ILSVRC2012_val_00000002",
+        "ILSVRC2012_val_00000002",
+        "ILSVRC2012_val_00000003",
+    ]
     assert dataset.skipped == 1

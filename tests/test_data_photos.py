@@ -23,7 +23,13 @@ def test_every_photo_is_a_224_sample_with_its_class_and_its_box_through_the_same
     dataset = PhotoDataset()
     records = read_photo_annotations(DEFAULT_ANNOTATIONS)
     assert [record["id"] for record in dataset.records] == [
-        "chelsea", "coffee", "rocket", "camera", "motorcycle", "grace_hopper"]
+        "chelsea",
+        "coffee",
+        "rocket",
+        "camera",
+        "motorcycle",
+        "grace_hopper",
+    ]
     for index, record in enumerate(records):
         sample = dataset[index]
         assert set(sample) == {"image", "label", "boxes", "id"} and sample["id"] == record["id"]
@@ -36,6 +42,7 @@ def test_every_photo_is_a_224_sample_with_its_class_and_its_box_through_the_same
     # coffee, 600 x 400 -> 336 x 224 (scale 0.56), then 56 px cropped on the left
     assert dataset[1]["boxes"][0].tolist() == pytest.approx([170 * 0.56 - 56, 15 * 0.56, 412 * 0.56 - 56, 310 * 0.56])
 
+
 def test_ids_select_photos_in_order_and_unknown_ones_are_named() -> None:
     assert [PhotoDataset(ids=["rocket", "coffee"])[k]["id"] for k in range(2)] == ["rocket", "coffee"]
     with pytest.raises(ValueError, match=r"unknown photo ids \['dog'\]"):
@@ -45,9 +52,11 @@ def test_ids_select_photos_in_order_and_unknown_ones_are_named() -> None:
 def test_an_annotation_file_names_only_known_sources_and_valid_boxes(tmp_path) -> None:
     """Files are data: a source is looked up among PHOTO_SOURCES, never imported or called by its name."""
     record = dict(read_photo_annotations(DEFAULT_ANNOTATIONS)[0])
-    for change, message in [({"source": "os.system"}, "unknown source 'os.system'"),
-                            ({"box": [0, 0, 500, 300]}, r"box \[0, 0, 500, 300\] must be"),
-                            ({"label": 1000}, "not an ImageNet-1k class index")]:
+    for change, message in [
+        ({"source": "os.system"}, "unknown source 'os.system'"),
+        ({"box": [0, 0, 500, 300]}, r"box \[0, 0, 500, 300\] must be"),
+        ({"label": 1000}, "not an ImageNet-1k class index"),
+    ]:
         path = tmp_path / "photos.json"
         path.write_text(json.dumps({"photos": [{**record, **change}]}))
         with pytest.raises(ValueError, match=message):
@@ -59,14 +68,27 @@ def test_the_photos_experiment_explains_and_scores_the_boxes(tmp_path) -> None:
     """python explain.py experiment=photos limit=2 explainer=[fame,gradcam] (FAME at 3 steps), then evaluate.py."""
     common = ["experiment=photos", "limit=2", f"paths.output_dir={tmp_path}"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    explain = [sys.executable, "explain.py", *common, "explainer=[fame,gradcam]", "explainer.fame.iterations=3",
-               "trainer.enable_progress_bar=false"]
+    explain = [
+        sys.executable,
+        "explain.py",
+        *common,
+        "explainer=[fame,gradcam]",
+        "explainer.fame.iterations=3",
+        "trainer.enable_progress_bar=false",
+    ]
     done = subprocess.run(explain, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     store = MapStore(tmp_path / "photos" / "explain" / "maps.zarr")
     assert store.read("fame").shape == store.read("gradcam").shape == (2, 224, 224)
-    evaluate = [sys.executable, "evaluate.py", *common, "logger.enabled=false", "families=[localization]",
-                "grid_rows=1", "bootstrap.resamples=20"]
+    evaluate = [
+        sys.executable,
+        "evaluate.py",
+        *common,
+        "logger.enabled=false",
+        "families=[localization]",
+        "grid_rows=1",
+        "bootstrap.resamples=20",
+    ]
     done = subprocess.run(evaluate, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pointing game" in (tmp_path / "photos" / "evaluate" / "metrics.md").read_text()

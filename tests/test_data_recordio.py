@@ -30,7 +30,11 @@ def face(seed: int) -> np.ndarray:
 def pack(label: float | list[float], image: bytes, record_id: int = 0, record_id2: int = 0) -> bytes:
     """MXNet's image payload: struct 'IfQQ' (flag, label, id, id2), [flag float32 labels], image."""
     if isinstance(label, list):
-        return struct.pack("<IfQQ", len(label), 0.0, record_id, record_id2) + struct.pack(f"<{len(label)}f", *label) + image
+        return (
+            struct.pack("<IfQQ", len(label), 0.0, record_id, record_id2)
+            + struct.pack(f"<{len(label)}f", *label)
+            + image
+        )
     return struct.pack("<IfQQ", 0, label, record_id, record_id2) + image
 
 
@@ -67,7 +71,9 @@ def insightface_set(tmp_path: Path, labels=(0, 0, 1, 2, 2)) -> tuple[Path, list[
     first_identity = len(labels) + 1
     identities = sorted(set(labels))
     payloads = [pack([float(first_identity), float(first_identity + len(identities))], b"")]
-    payloads += [pack(float(label), png(image), record_id=key + 1) for key, (label, image) in enumerate(zip(labels, pixels))]
+    payloads += [
+        pack(float(label), png(image), record_id=key + 1) for key, (label, image) in enumerate(zip(labels, pixels))
+    ]
     for identity in identities:
         keys = [key + 1 for key, label in enumerate(labels) if label == identity]
         payloads.append(pack([float(keys[0]), float(keys[-1] + 1)], b""))
@@ -134,10 +140,15 @@ def test_bad_magic_names_the_file_record_and_offset(tmp_path):
     raw[offset : offset + 4] = b"\x00\x01\x02\x03"
     rec.write_bytes(bytes(raw))
     dataset = RecordIODataset(rec)
-    with pytest.raises(CorruptSampleError, match=rf"train.rec: record 2, part 0 at byte offset {offset}: expected the RecordIO magic number 0xced7230a, found 0x03020100"):
+    with pytest.raises(
+        CorruptSampleError,
+        match=rf"train.rec: record 2, part 0 at byte offset {offset}: expected the RecordIO magic number 0xced7230a, found 0x03020100",
+    ):
         dataset[1]
     rec.with_suffix(".idx").unlink()
-    with pytest.raises(CorruptSampleError, match=rf"record 2, part 0 at byte offset {offset}: expected the RecordIO magic"):
+    with pytest.raises(
+        CorruptSampleError, match=rf"record 2, part 0 at byte offset {offset}: expected the RecordIO magic"
+    ):
         RecordIODataset(rec)
 
 
@@ -153,14 +164,19 @@ def test_index_and_truncation_errors(tmp_path):
         RecordIODataset(rec)
     raw = rec.read_bytes()
     (tmp_path / "cut.rec").write_bytes(raw[: len(raw) - 10])
-    with pytest.raises(CorruptSampleError, match=r"cut.rec: record 8, part 0 at byte offset \d+: the record says \d+ bytes, but the file ends"):
+    with pytest.raises(
+        CorruptSampleError,
+        match=r"cut.rec: record 8, part 0 at byte offset \d+: the record says \d+ bytes, but the file ends",
+    ):
         RecordIODataset(tmp_path / "cut.rec")
 
 
 def test_corrupt_image_payload_fails_or_is_skipped(tmp_path):
     payloads = [pack(0.0, png(face(0))), pack(1.0, png(face(1))[:30]), pack(2.0, png(face(2)))]
     offsets = write_recordio(tmp_path / "train.rec", payloads)
-    with pytest.raises(CorruptSampleError, match=rf"train.rec: record 1 at byte offset {offsets[1]}: cannot decode the image"):
+    with pytest.raises(
+        CorruptSampleError, match=rf"train.rec: record 1 at byte offset {offsets[1]}: cannot decode the image"
+    ):
         RecordIODataset(tmp_path / "train.rec")[1]
     dataset = RecordIODataset(tmp_path / "train.rec", skip_corrupt=True)
     assert [label for _, label in dataset] == [0, 2, 2]

@@ -231,7 +231,11 @@ def test_pairs_from_csv_with_hdf5_crops(tmp_path):
     (tmp_path / "pairs.csv").write_text("G,P,T\nalice/1.jpg,alice/2.jpg,1\nalice/2.jpg,bob/1.jpg,0\nbad,bob/1.jpg,0\n")
     dataset = PairsDataset.from_csv(tmp_path / "pairs.csv", hdf5=tmp_path / "crops.h5")
     first, second = dataset[0], dataset[1]
-    for tensor, name in [(first["gallery"], "alice/1.jpg"), (first["probe"], "alice/2.jpg"), (second["probe"], "bob/1.jpg")]:
+    for tensor, name in [
+        (first["gallery"], "alice/1.jpg"),
+        (first["probe"], "alice/2.jpg"),
+        (second["probe"], "bob/1.jpg"),
+    ]:
         torch.testing.assert_close(tensor, torch.from_numpy(faces[name]).permute(2, 0, 1).float() / 255)
     with pytest.raises(CorruptSampleError, match=r"crops.h5\['bad'\] \(.*row 4\): expected uint8 RGB pixels"):
         dataset[2]
@@ -245,17 +249,27 @@ def test_pairs_from_csv_with_hdf5_crops(tmp_path):
 
 def test_pairs_from_lfw_pairs_txt(tmp_path):
     faces = {
-        "Abel_Pacheco/Abel_Pacheco_0001.jpg": face(1), "Abel_Pacheco/Abel_Pacheco_0004.jpg": face(2),
-        "Zico/Zico_0002.jpg": face(3), "Zico/Zico_0003.jpg": face(4),
+        "Abel_Pacheco/Abel_Pacheco_0001.jpg": face(1),
+        "Abel_Pacheco/Abel_Pacheco_0004.jpg": face(2),
+        "Zico/Zico_0002.jpg": face(3),
+        "Zico/Zico_0003.jpg": face(4),
     }
     write_faces(tmp_path / "lfw", faces)
     pairs_txt = tmp_path / "pairs.txt"
     pairs_txt.write_text("2\t1\nAbel_Pacheco\t1\t4\nAbel_Pacheco\t1\tZico\t2\nZico\t2\t3\nZico\t3\tAbel_Pacheco\t4\n")
     dataset = PairsDataset.from_lfw_pairs(pairs_txt, tmp_path / "lfw")
-    assert [(item["id"], item["same"]) for item in dataset] == [("pairs/0", True), ("pairs/1", False), ("pairs/2", True), ("pairs/3", False)]
+    assert [(item["id"], item["same"]) for item in dataset] == [
+        ("pairs/0", True),
+        ("pairs/1", False),
+        ("pairs/2", True),
+        ("pairs/3", False),
+    ]
     decoded = np.array(Image.open(tmp_path / "lfw" / "Zico" / "Zico_0003.jpg").convert("RGB"))
     torch.testing.assert_close(dataset[3]["gallery"], torch.from_numpy(decoded).permute(2, 0, 1).float() / 255)
-    assert (dataset.pairs[3].gallery, dataset.pairs[3].probe) == ("Zico/Zico_0003.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg")
+    assert (dataset.pairs[3].gallery, dataset.pairs[3].probe) == (
+        "Zico/Zico_0003.jpg",
+        "Abel_Pacheco/Abel_Pacheco_0004.jpg",
+    )
     (tmp_path / "count.txt").write_text("1\t2\nZico\t2\t3\n")
     with pytest.raises(ValueError, match=r"count.txt: the header promises 4 pairs, found 1"):
         PairsDataset.from_lfw_pairs(tmp_path / "count.txt", tmp_path / "lfw")

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from naive_fame import naive_classification_loss, naive_fame
+from nets import TinyBackbone, TinyClassifier, TinyEmbedder
 from torch import nn
 
 from fame import FameConfig, explain, explain_classification, explain_feature_map, explain_verification
 from fame.explain import LayerNotReached, attribution_map, lots_perturbation, normalize_maps, to_gray
-
-from naive_fame import naive_classification_loss, naive_fame
-from nets import TinyBackbone, TinyClassifier, TinyEmbedder
 
 DOUBLE = torch.float64
 
@@ -32,8 +31,10 @@ def test_classification_matches_naive(loss):
     targets = torch.tensor([0, 3, 1])
     maps = explain_classification(model, x, targets, FameConfig(**SMALL), loss=loss)
     for i in range(x.shape[0]):
+
         def loss_of_one(one, target=int(targets[i])):
             return naive_classification_loss(model(one)[0], target, loss)
+
         expected = naive_fame(loss_of_one, x[i], **SMALL)
         np.testing.assert_allclose(maps[i, 0].numpy(), expected, atol=1e-5)
 
@@ -50,6 +51,7 @@ def test_verification_matches_naive(mode):
         def loss(one, reference=reference):
             s = F.cosine_similarity(model(one), reference, eps=0.0)[0]
             return s if mode == "similar" else 1 - s
+
         expected = naive_fame(loss, x[i], **SMALL, epsilon=config.epsilon)
         np.testing.assert_allclose(maps[i, 0].numpy(), expected, atol=1e-5)
 
@@ -61,8 +63,10 @@ def test_feature_map_matches_naive():
     maps = explain_feature_map(model, model.stage1, x, locations, FameConfig(**SMALL))
     assert maps.shape == (3, 1, 12, 12)
     for k, (row, col) in enumerate(locations):
+
         def loss(one, row=row, col=col):
             return model.stage1(one)[0, :, row, col].abs().sum()
+
         expected = naive_fame(loss, x[0], **SMALL)
         np.testing.assert_allclose(maps[k, 0].numpy(), expected, atol=1e-5)
 
@@ -81,6 +85,7 @@ def test_default_feature_map_locations_cover_the_grid_row_major():
 
 # ---------------------------------------------------------------- per-sample semantics
 
+
 def test_batch_equals_one_at_a_time_with_1000x_gradient_scale():
     model = TinyClassifier().to(DOUBLE)
     x = images(batch=4)
@@ -93,8 +98,10 @@ def test_batch_equals_one_at_a_time_with_1000x_gradient_scale():
     config = FameConfig(**SMALL)
     batched = explain(model, x, objective, config)
     for i in range(x.shape[0]):
+
         def one(batch, index, i=i):
             return model(batch)[:, targets[i]] * scale[i]
+
         single = explain(model, x[i : i + 1], one, config)
         torch.testing.assert_close(batched[i], single[0], atol=1e-10, rtol=0)
 
@@ -139,7 +146,9 @@ def test_epsilon_above_every_loss_gives_zero_maps_without_nan():
     assert torch.equal(maps, torch.zeros_like(maps))
     assert stats.iterations.tolist() == [0, 0, 0]
     for normalization in ("max", "none"):
-        maps = explain_classification(model, x, [0, 1, 2], FameConfig(**SMALL, epsilon=1e6, normalization=normalization))
+        maps = explain_classification(
+            model, x, [0, 1, 2], FameConfig(**SMALL, epsilon=1e6, normalization=normalization)
+        )
         assert not torch.isnan(maps).any() and torch.all(maps == 0)
 
 
@@ -155,6 +164,7 @@ def test_stats_report_iterations_and_losses():
 
 
 # ---------------------------------------------------------------- the step itself
+
 
 def test_loss_goes_down_and_no_pixel_moves_further_than_budget():
     model = TinyClassifier().to(DOUBLE)
@@ -193,18 +203,21 @@ def test_clamp_keeps_pixels_in_range():
 
 # ---------------------------------------------------------------- the map
 
+
 def test_gray_is_taken_before_subtracting():
     x = torch.zeros(1, 3, 6, 6, dtype=DOUBLE)
     perturbed = x.clone()
-    perturbed[0, 0, 1, 1] = 0.5   # red up
+    perturbed[0, 0, 1, 1] = 0.5  # red up
     perturbed[0, 1, 1, 1] = -0.25  # green down: luma change 0.2989*0.5 - 0.587*0.25 = 0.00270
-    perturbed[0, 2, 4, 4] = 0.5   # blue only: luma change 0.057
+    perturbed[0, 2, 4, 4] = 0.5  # blue only: luma change 0.057
     maps = attribution_map(x, perturbed, FameConfig(blur_kernel=None, normalization="none"))
     luma = torch.tensor([0.2989 * 0.5 - 0.587 * 0.25, 0.114 * 0.5], dtype=DOUBLE).abs()
     assert maps[0, 0, 1, 1].item() == pytest.approx((luma[0] / luma.max()).item())
     assert maps[0, 0, 4, 4].item() == pytest.approx(1.0)
-    torch.testing.assert_close(to_gray(x[:, :, :1, :1] + torch.tensor([1.0, 0, 0], dtype=DOUBLE).view(1, 3, 1, 1)),
-                               torch.full((1, 1, 1, 1), 0.2989, dtype=DOUBLE))
+    torch.testing.assert_close(
+        to_gray(x[:, :, :1, :1] + torch.tensor([1.0, 0, 0], dtype=DOUBLE).view(1, 3, 1, 1)),
+        torch.full((1, 1, 1, 1), 0.2989, dtype=DOUBLE),
+    )
 
 
 def test_normalizations_and_even_kernel():
@@ -232,6 +245,7 @@ def test_paper_defaults():
 
 
 # ---------------------------------------------------------------- the model is left as found
+
 
 def _snapshot(model):
     return (
@@ -323,6 +337,7 @@ def test_cuda_matches_cpu():
 
 # ---------------------------------------------------------------- verification specifics
 
+
 def test_verification_reference_broadcast_and_modes_batched():
     model = TinyEmbedder().to(DOUBLE)
     x, reference = images(), images(batch=1, seed=5)
@@ -339,14 +354,16 @@ def test_verification_reference_broadcast_and_modes_batched():
 def test_verification_default_uses_paper_epsilon():
     model = TinyEmbedder().to(DOUBLE)
     x = images(batch=2)
-    _, stats = explain_verification(model, x, x, FameConfig(**SMALL, epsilon=0.01), modes=("dissimilar",),
-                                    return_stats=True)
+    _, stats = explain_verification(
+        model, x, x, FameConfig(**SMALL, epsilon=0.01), modes=("dissimilar",), return_stats=True
+    )
     # an image against itself: 1 - s = 0 < 0.01, nothing to do
     assert stats["dissimilar"].iterations.tolist() == [0, 0]
     assert torch.all(stats["dissimilar"].initial_loss.abs() < 1e-6)
 
 
 # ---------------------------------------------------------------- errors
+
 
 def test_clear_errors():
     model = TinyClassifier().to(DOUBLE)
@@ -385,17 +402,18 @@ def test_clear_errors():
 
 # ---------------------------------------------------------------- defects of issue 7
 
+
 def test_verification_keeps_the_paper_epsilon_with_a_custom_config():
     model = TinyEmbedder().to(DOUBLE)
     x = images(batch=2)
     custom = FameConfig(**SMALL)  # other blur and steps, epsilon left to the task
     _, stats = explain_verification(model, x, x, custom, modes=("dissimilar",), return_stats=True)
     assert stats["dissimilar"].iterations.tolist() == [0, 0]  # 1 - s = 0 < 0.01 at x_0
-    _, stats = explain_verification(model, x, x, custom.replace(epsilon=None), modes=("dissimilar",),
-                                    return_stats=True)
+    _, stats = explain_verification(model, x, x, custom.replace(epsilon=None), modes=("dissimilar",), return_stats=True)
     assert stats["dissimilar"].iterations.tolist() == [6, 6]  # explicit None: all T steps
-    classification = explain_classification(TinyClassifier().to(DOUBLE), x, [0, 1], custom.replace(epsilon="task"),
-                                            return_stats=True)[1]
+    classification = explain_classification(
+        TinyClassifier().to(DOUBLE), x, [0, 1], custom.replace(epsilon="task"), return_stats=True
+    )[1]
     assert classification.iterations.tolist() == [6, 6]  # the task default of classification is None
 
 
@@ -420,7 +438,9 @@ def test_non_finite_pixels_and_step_sizes_are_refused():
     x = images()
     x[1, 0, 2, 2] = float("nan")
     x[2, 1, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"images contain 2 non-finite pixel values \(NaN or Inf\) in samples \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"images contain 2 non-finite pixel values \(NaN or Inf\) in samples \[1, 2\]"
+    ):
         explain_classification(model, x, [0, 1, 2], FameConfig(**SMALL))
     with pytest.raises(ValueError, match=r"reference_images contain 1 non-finite"):
         explain_verification(TinyEmbedder().to(DOUBLE), images(), x[1:2], FameConfig(**SMALL))

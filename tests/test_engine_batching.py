@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torchvision
+from nets import CappedMemory, TinyClassifier, TinyEmbedder
 
 from fame import FameConfig, explain_classification, explain_verification
 from fame.explain import CPU_MAX_BATCH, find_batch_size, ram_fits, trial_fits
 from fame.explain.batching import saved_bytes
-
-from nets import CappedMemory, TinyClassifier, TinyEmbedder
 
 SHAPE = (3, 12, 12)
 CONFIG = FameConfig(precision="bf16-mixed")
@@ -52,12 +51,14 @@ def test_other_errors_are_not_taken_for_a_full_memory():
 
 def test_cpu_estimate_stays_within_the_given_ram():
     model = TinyClassifier()
-    per_image = saved_bytes(model, SHAPE, CONFIG, torch.device("cpu"), 2) - saved_bytes(model, SHAPE, CONFIG,
-                                                                                         torch.device("cpu"), 1)
+    per_image = saved_bytes(model, SHAPE, CONFIG, torch.device("cpu"), 2) - saved_bytes(
+        model, SHAPE, CONFIG, torch.device("cpu"), 1
+    )
     assert per_image > 0
     budget = 40 * per_image  # half of it usable, twice the saved bytes per image: at most 10 images
-    found = find_batch_size(model, SHAPE, CONFIG, "cpu",
-                            fits=ram_fits(model, SHAPE, CONFIG, torch.device("cpu"), available_bytes=budget))
+    found = find_batch_size(
+        model, SHAPE, CONFIG, "cpu", fits=ram_fits(model, SHAPE, CONFIG, torch.device("cpu"), available_bytes=budget)
+    )
     assert 1 <= found <= 10
     assert find_batch_size(model, SHAPE, CONFIG, "cpu") <= CPU_MAX_BATCH
 
@@ -71,5 +72,9 @@ def test_cuda_auto_batch_size_runs_and_is_monotone_in_the_image_size():
     print(f"auto batch size of ResNet-18 in bf16-mixed: {small} at 64 px, {large} at 224 px")
     assert 1 <= large <= small <= 1024
     images = torch.rand(large, 3, 224, 224, device="cuda")
-    explain_classification(model, images, torch.zeros(large, dtype=torch.long, device="cuda"),
-                           FameConfig(iterations=2, precision="bf16-mixed", blur_kernel=None))
+    explain_classification(
+        model,
+        images,
+        torch.zeros(large, dtype=torch.long, device="cuda"),
+        FameConfig(iterations=2, precision="bf16-mixed", blur_kernel=None),
+    )

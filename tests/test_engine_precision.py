@@ -4,21 +4,18 @@ import copy
 
 import pytest
 import torch
+from nets import TinyBackbone, TinyClassifier, TinyEmbedder
 from torch import nn
 
 from fame import FameConfig, explain, explain_classification, explain_feature_map, explain_verification
 from fame.data import ShapesDataset
-from fame.explain import lots_perturbation
-from fame.explain import engine
+from fame.explain import engine, lots_perturbation
 from fame.explain.engine import InputGradient, batch_bucket
 from fame.explain.precision import map_agreement
 
-from nets import TinyBackbone, TinyClassifier, TinyEmbedder
-
 SIZE = 32
 CONFIG = FameConfig(step_size=2 / 255, iterations=20, blur_kernel=7, blur_sigma=1.1)
-MODES = [("32", False), ("tf32", False), ("bf16-mixed", False), ("bf16-mixed", True), ("16-mixed", True),
-         ("32", True)]
+MODES = [("32", False), ("tf32", False), ("bf16-mixed", False), ("bf16-mixed", True), ("16-mixed", True), ("32", True)]
 
 
 class ShapesNet(nn.Module):
@@ -64,8 +61,10 @@ def test_bf16_mixed_agrees_with_float32_on_a_trained_model(trained):
     maps = explain_classification(model, images, labels, CONFIG.replace(precision="bf16-mixed", channels_last=True))
     agreement = map_agreement(maps, reference)
     spearman = agreement["spearman"]
-    print(f"bf16-mixed + channels-last: Spearman median {spearman.median():.4f}, "
-          f"5th percentile {spearman.quantile(0.05):.4f}, max |diff| {agreement['max_abs_difference'].max():.4f}")
+    print(
+        f"bf16-mixed + channels-last: Spearman median {spearman.median():.4f}, "
+        f"5th percentile {spearman.quantile(0.05):.4f}, max |diff| {agreement['max_abs_difference'].max():.4f}"
+    )
     assert spearman.median() >= 0.99  # the agreement bar; measured 0.998 / 0.992 (with 1 and 2 threads)
     assert spearman.quantile(0.05) >= 0.97
     assert maps.dtype == torch.float32
@@ -84,8 +83,9 @@ def test_16_mixed_runs_and_agrees_on_cpu(trained):
     model, images, labels = trained
     config = CONFIG.replace(iterations=10)
     reference = explain_classification(model, images[:2], labels[:2], config)
-    maps, stats = explain_classification(model, images[:2], labels[:2], config.replace(precision="16-mixed"),
-                                         return_stats=True)
+    maps, stats = explain_classification(
+        model, images[:2], labels[:2], config.replace(precision="16-mixed"), return_stats=True
+    )
     assert stats.iterations.tolist() == [10] * 2
     assert map_agreement(maps, reference)["spearman"].median() >= 0.9
 
@@ -169,8 +169,9 @@ def test_channels_last_is_undone_exactly_also_for_a_partly_converted_model():
 def test_early_stopping_gives_per_sample_iterations_in_every_mode(precision, channels_last):
     x = torch.zeros(3, 1, 8, 8)
     start = torch.tensor([0.05, 1.0, 3.0])
-    config = FameConfig(step_size=1 / 64, iterations=50, epsilon=0.1, blur_kernel=None, precision=precision,
-                        channels_last=channels_last)
+    config = FameConfig(
+        step_size=1 / 64, iterations=50, epsilon=0.1, blur_kernel=None, precision=precision, channels_last=channels_last
+    )
     conv = nn.Conv2d(1, 1, 1, bias=False)
     with torch.no_grad():
         conv.weight.fill_(1.0)
@@ -188,8 +189,7 @@ def test_verification_and_feature_map_sheet_use_the_precision(precision):
     x, references = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 12, 12)
     config = FameConfig(step_size=0.02, iterations=4, blur_kernel=5, blur_sigma=1.3, epsilon=None)
     reference = explain_verification(embedder, x, references, config)
-    mixed, stats = explain_verification(embedder, x, references, config.replace(precision=precision),
-                                        return_stats=True)
+    mixed, stats = explain_verification(embedder, x, references, config.replace(precision=precision), return_stats=True)
     for mode in reference:
         assert mixed[mode].dtype == torch.float32 and stats[mode].iterations.tolist() == [4, 4]
         assert map_agreement(mixed[mode], reference[mode])["spearman"].min() >= 0.8
@@ -284,8 +284,9 @@ def test_compiled_graphs_depend_on_the_buckets_not_on_the_batch_sizes_of_the_cal
     for batch in (13, 11):
         images, config = torch.zeros(batch, 1, 8, 8), staircase_config(batch)
         eager, eager_stats = explain(model, images, Staircase(model, batch), config, return_stats=True)
-        compiled, stats = explain(model, images, Staircase(model, batch), config.replace(compile=True),
-                                  return_stats=True)
+        compiled, stats = explain(
+            model, images, Staircase(model, batch), config.replace(compile=True), return_stats=True
+        )
         assert stats.iterations.tolist() == eager_stats.iterations.tolist() == list(range(1, batch + 1))
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
         buckets |= buckets_of_compiled_steps(stats.iterations.tolist(), batch)
@@ -308,6 +309,7 @@ def test_past_dynamos_recompile_limit_a_compiled_run_warns_and_finishes_eagerly(
 
 # ---------------------------------------------------------------- on a GPU (benchmarks/gpu_suite.sh runs these)
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision,channels_last", [("tf32", False), ("bf16-mixed", True), ("16-mixed", True)])
@@ -315,12 +317,14 @@ def test_cuda_precisions_agree_with_float32_on_a_trained_model(trained, precisio
     model, images, labels = trained
     model, images, labels = copy.deepcopy(model).cuda(), images.cuda(), labels.cuda()
     reference = explain_classification(model, images, labels, CONFIG)
-    maps, stats = explain_classification(model, images, labels, CONFIG.replace(precision=precision,
-                                                                               channels_last=channels_last),
-                                         return_stats=True)
+    maps, stats = explain_classification(
+        model, images, labels, CONFIG.replace(precision=precision, channels_last=channels_last), return_stats=True
+    )
     spearman = map_agreement(maps, reference)["spearman"]
-    print(f"cuda {precision} channels_last={channels_last}: Spearman median {spearman.median():.4f}, "
-          f"5th percentile {spearman.quantile(0.05):.4f}")
+    print(
+        f"cuda {precision} channels_last={channels_last}: Spearman median {spearman.median():.4f}, "
+        f"5th percentile {spearman.quantile(0.05):.4f}"
+    )
     assert maps.dtype == torch.float32 and stats.iterations.tolist() == [20] * len(images)
     assert spearman.median() >= 0.95 and spearman.quantile(0.05) >= 0.8
 
@@ -331,9 +335,9 @@ def test_cuda_compiled_step_equals_eager_with_early_stopping():
     model, x, targets, config = staircase_case()
     model, x, targets = model.cuda(), x.cuda(), targets.cuda()
     eager, eager_stats = explain_classification(model, x, targets, config, return_stats=True)
-    compiled, compiled_stats = explain_classification(model, x, targets, config.replace(compile=True,
-                                                                                          channels_last=True),
-                                                      return_stats=True)
+    compiled, compiled_stats = explain_classification(
+        model, x, targets, config.replace(compile=True, channels_last=True), return_stats=True
+    )
     assert compiled_stats.iterations.tolist() == eager_stats.iterations.tolist()
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=0)
 
@@ -354,15 +358,26 @@ def test_inside_a_lightning_trainer_the_engines_precision_wins():
             assert torch.is_autocast_enabled("cpu")  # the trainer's bf16 autocast is on around the step
             return explain_classification(self.model, batch[0], [0, 1], config)
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     (maps,) = trainer.predict(Explainer(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2))
     torch.testing.assert_close(maps, explain_classification(model, x, [0, 1], config), atol=0, rtol=0)
 
 
 def test_a_bfloat16_model_runs_under_bf16_mixed_with_float32_steps():
     model = TinyClassifier().to(torch.bfloat16)
-    maps, stats = explain_classification(model, torch.rand(2, 3, 12, 12), [0, 1],
-                                         FameConfig(step_size=0.02, iterations=3, blur_kernel=5, blur_sigma=1.3,
-                                                    precision="bf16-mixed"), return_stats=True)
+    maps, stats = explain_classification(
+        model,
+        torch.rand(2, 3, 12, 12),
+        [0, 1],
+        FameConfig(step_size=0.02, iterations=3, blur_kernel=5, blur_sigma=1.3, precision="bf16-mixed"),
+        return_stats=True,
+    )
     assert maps.dtype == torch.float32 and stats.iterations.tolist() == [3, 3]

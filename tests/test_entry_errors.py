@@ -18,8 +18,8 @@ from PIL import Image
 
 from fame.config import ConfigError
 from fame.data.images import CorruptSampleError
-from fame.stages import explain, train
 from fame.entry import check_group_choices, error_line
+from fame.stages import explain, train
 from fame.stages.train import RESUME_KEYS, check_resume_checkpoint
 from fame.store import StoreMismatch
 
@@ -37,8 +37,9 @@ def config(name, output_dir, *overrides):
 def run(script, *arguments):
     """(exit status, stdout, stderr lines) of an entry point."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.run([sys.executable, str(ROOT / script), *arguments], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        [sys.executable, str(ROOT / script), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     return process.returncode, process.stdout, [line for line in process.stderr.splitlines() if line.strip()]
 
 
@@ -59,10 +60,13 @@ def write_class_folders(root: Path, corrupt: str = "") -> None:
 
 
 def test_train_refuses_a_training_split_smaller_than_one_batch(tmp_path):
-    status, _, errors = run("train.py", f"paths.output_dir={tmp_path / 'out'}", "experiment=faces", "limit=20",
-                            "logger.enabled=false")
+    status, _, errors = run(
+        "train.py", f"paths.output_dir={tmp_path / 'out'}", "experiment=faces", "limit=20", "logger.enabled=false"
+    )
     assert status == 2 and len(errors) == 1, errors
-    assert errors[0].startswith("train.py: data.datamodule: the training split has 20 samples, fewer than one batch of 64")
+    assert errors[0].startswith(
+        "train.py: data.datamodule: the training split has 20 samples, fewer than one batch of 64"
+    )
     assert not (tmp_path / "out").exists()  # no run folder, no W&B run, no checkpoint
 
 
@@ -95,7 +99,7 @@ def test_resume_needs_an_intact_training_checkpoint(tmp_path):
     with zipfile.ZipFile(last) as archive:  # flip one byte inside the stored pickle
         member = next(info for info in archive.infolist() if info.filename.endswith("data.pkl"))
     start = member.header_offset  # local header: 30 bytes, the name, then an extra field of the length at 28
-    start += 30 + len(member.filename) + int.from_bytes(data[start + 28:start + 30], "little")
+    start += 30 + len(member.filename) + int.from_bytes(data[start + 28 : start + 30], "little")
     data[start + 5] ^= 0xFF
     damaged.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="is damaged"):
@@ -108,8 +112,17 @@ def test_train_refuses_a_missing_or_empty_data_folder_before_the_run_folder(tmp_
     empty.mkdir()
     for root, problem in ((missing, "image folder not found"), (empty, "no class sub-folders found")):
         with pytest.raises(ConfigError) as caught:
-            train(config("train", tmp_path / "out", "data=image_folder", f"data.train_root={root}",
-                         f"data.val_root={root}", "data.num_classes=2", *QUIET))
+            train(
+                config(
+                    "train",
+                    tmp_path / "out",
+                    "data=image_folder",
+                    f"data.train_root={root}",
+                    f"data.val_root={root}",
+                    "data.num_classes=2",
+                    *QUIET,
+                )
+            )
         line = error_line(caught.value)
         assert line.startswith("could not build data.datamodule") and f"{root}: {problem}" in line and "\n" not in line
     assert files_under(tmp_path) == ["empty"]
@@ -119,16 +132,37 @@ def test_a_corrupt_image_mid_training_is_one_line_naming_the_file_and_skip_corru
     """The image is decoded in a DataLoader worker; the entry point reports the worker's own message."""
     images = tmp_path / "images"
     write_class_folders(images, corrupt="b/1.png")
-    data = ["data=image_folder", f"data.train_root={images}", f"data.val_root={images}", "data.num_classes=2",
-            "data.image_size=16", "data.datamodule.batch_size=2"]
-    status, _, errors = run("train.py", f"paths.output_dir={tmp_path / 'out'}", *data, "data.datamodule.num_workers=1",
-                            "trainer.max_epochs=1", *QUIET)
+    data = [
+        "data=image_folder",
+        f"data.train_root={images}",
+        f"data.val_root={images}",
+        "data.num_classes=2",
+        "data.image_size=16",
+        "data.datamodule.batch_size=2",
+    ]
+    status, _, errors = run(
+        "train.py",
+        f"paths.output_dir={tmp_path / 'out'}",
+        *data,
+        "data.datamodule.num_workers=1",
+        "trainer.max_epochs=1",
+        *QUIET,
+    )
     assert status == 2 and not any("Traceback" in line for line in errors), errors
     (line,) = [line for line in errors if line.startswith("train.py:")]
     assert line.startswith(f"train.py: {images / 'b' / '1.png'}: cannot decode the image")
     assert "skip_corrupt" in line and line.endswith("(on the command line: data.skip_corrupt=true)")
-    metrics = train(config("train", tmp_path / "out", *data, "data.datamodule.num_workers=0", "data.skip_corrupt=true",
-                           "trainer.max_epochs=1", *QUIET))  # the suggested fix trains
+    metrics = train(
+        config(
+            "train",
+            tmp_path / "out",
+            *data,
+            "data.datamodule.num_workers=0",
+            "data.skip_corrupt=true",
+            "trainer.max_epochs=1",
+            *QUIET,
+        )
+    )  # the suggested fix trains
     assert 0.0 <= metrics["val/acc"] <= 1.0
 
 
@@ -146,8 +180,14 @@ def test_a_worker_error_keeps_its_own_message():
 
 
 def test_explain_reports_a_store_mismatch_as_one_line_naming_every_key(tmp_path):
-    common = (f"paths.output_dir={tmp_path}", "checkpoint=null", "batch_size=4", "explainer=[fame]",
-              "explainer.fame.iterations=2", "trainer.enable_progress_bar=false")
+    common = (
+        f"paths.output_dir={tmp_path}",
+        "checkpoint=null",
+        "batch_size=4",
+        "explainer=[fame]",
+        "explainer.fame.iterations=2",
+        "trainer.enable_progress_bar=false",
+    )
     store = explain(config("explain", tmp_path, *common[1:], "limit=4"))
     listing = files_under(tmp_path)
     with pytest.raises(StoreMismatch) as caught:  # the same request in-process: the keys the line must name
@@ -176,7 +216,10 @@ def test_unknown_group_choices_list_the_known_ones(tmp_path, capsys):
     assert stopped.value.code == 2
     known = ", ".join(sorted(path.stem for path in (CONFIGS / "experiment").glob("*.yaml")))
     assert capsys.readouterr().err == f"train.py: unknown experiment 'face'; known: {known}\n"
-    check_group_choices(["experiment=faces", "explainer=[fame,gradcam]", "explainer.fame.iterations=3",
-                         "data.root=/x"], CONFIGS, "train.py")  # known names pass
+    check_group_choices(
+        ["experiment=faces", "explainer=[fame,gradcam]", "explainer.fame.iterations=3", "data.root=/x"],
+        CONFIGS,
+        "train.py",
+    )  # known names pass
     with pytest.raises(SystemExit):  # sweeps (-m) are checked value by value
         check_group_choices(["explainer=fame,nope"], CONFIGS, "explain.py")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_data_imagenet import imagenet, write_image  # noqa: F401  (imagenet: the fixture of tiny LOC files)
+from test_data_recordio import pack, png, write_recordio
+from test_data_verification import python2_pickle
 
 from fame.models import build_face_model
 from fame.models.export import export_state_dict
 from fame.stages import evaluate, explain, train
-from test_data_imagenet import imagenet, write_image  # noqa: F401  (imagenet: the fixture of tiny LOC files)
-from test_data_recordio import pack, png, write_recordio
-from test_data_verification import python2_pickle
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 EXPERIMENTS = {
@@ -38,9 +38,11 @@ def test_every_experiment_composes(tmp_path, experiment, entry):
     assert composed.data.task in ("classification", "verification")
     # each experiment writes under <output_dir>/<its name>/, so no two share a checkpoint, store or report
     assert composed.experiment_name == experiment and composed.paths.experiment_dir == f"{tmp_path}/{experiment}"
-    defaults = {"train": {"run_root": "train/runs", "checkpoint": "train/model.ckpt"},
-                "explain": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt"},
-                "evaluate": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt", "output_dir": "evaluate"}}[entry]
+    defaults = {
+        "train": {"run_root": "train/runs", "checkpoint": "train/model.ckpt"},
+        "explain": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt"},
+        "evaluate": {"store": "explain/maps.zarr", "checkpoint": "train/model.ckpt", "output_dir": "evaluate"},
+    }[entry]
     for key, path in defaults.items():
         if composed[key] is not None:  # imagenet and face_pairs explain a model config: checkpoint=null
             assert composed[key] == f"{tmp_path}/{experiment}/{path}", key
@@ -68,24 +70,64 @@ def test_ms1m_trains_on_recordio_and_verifies_on_bin_sets(tmp_path):
     root = tmp_path / "faces_emore"
     root.mkdir()
     write_ms1m(root)
-    metrics = train(config("train", tmp_path, "experiment=ms1m", f"data.root={root}", "model=face_small",
-                           "data.image_size=32", "module.embedding_size=128", "module.folds=2",
-                           "data.datamodule.training.batch_size=4", "data.datamodule.training.num_workers=0",
-                           "trainer.max_epochs=1", "trainer.precision=32-true", *QUIET))
+    metrics = train(
+        config(
+            "train",
+            tmp_path,
+            "experiment=ms1m",
+            f"data.root={root}",
+            "model=face_small",
+            "data.image_size=32",
+            "module.embedding_size=128",
+            "module.folds=2",
+            "data.datamodule.training.batch_size=4",
+            "data.datamodule.training.num_workers=0",
+            "trainer.max_epochs=1",
+            "trainer.precision=32-true",
+            *QUIET,
+        )
+    )
     for name in ("lfw", "cfp_fp", "agedb_30"):
         assert f"val/{name}/acc" in metrics and metrics[f"val/{name}/pairs"] == 6
-    assert torch.load(tmp_path / "ms1m" / "train" / "model.ckpt", weights_only=True)["hyper_parameters"]["num_classes"] == 4
+    assert (
+        torch.load(tmp_path / "ms1m" / "train" / "model.ckpt", weights_only=True)["hyper_parameters"]["num_classes"]
+        == 4
+    )
 
 
 def test_imagenet_explains_and_scores_boxes(tmp_path, imagenet):  # noqa: F811  (the imported fixture)
     images, mapping, solution = imagenet
-    data = [f"data.root={images}", f"data.synsets={mapping}", f"data.annotations={solution}", "data.datamodule.num_workers=0"]
+    data = [
+        f"data.root={images}",
+        f"data.synsets={mapping}",
+        f"data.annotations={solution}",
+        "data.datamodule.num_workers=0",
+    ]
     common = ["experiment=imagenet", *data, "model=resnet18_scratch", "data.num_classes=3"]
-    store = explain(config("explain", tmp_path, *common, "explainer=[fame,gradcam]", "explainer.fame.iterations=2",
-                           "batch_size=3", "trainer.enable_progress_bar=false"))
+    store = explain(
+        config(
+            "explain",
+            tmp_path,
+            *common,
+            "explainer=[fame,gradcam]",
+            "explainer.fame.iterations=2",
+            "batch_size=3",
+            "trainer.enable_progress_bar=false",
+        )
+    )
     assert store.read("fame").shape == (3, 224, 224)
-    scores = evaluate(config("evaluate", tmp_path, *common, "logger.enabled=false", "families=[localization,deletion]",
-                             "deletion.fractions=[0,0.5,1]", "grid_rows=1", "bootstrap.resamples=20"))
+    scores = evaluate(
+        config(
+            "evaluate",
+            tmp_path,
+            *common,
+            "logger.enabled=false",
+            "families=[localization,deletion]",
+            "deletion.fractions=[0,0.5,1]",
+            "grid_rows=1",
+            "bootstrap.resamples=20",
+        )
+    )
     assert {"iou_50", "pointing_game", "deletion_auc"} <= set(scores["metric"])
 
 
@@ -100,12 +142,40 @@ def test_face_pairs_explains_a_pretrained_checkpoint_on_a_pair_csv(tmp_path):
     (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
     checkpoint = tmp_path / "backbone.pth"
     export_state_dict(build_face_model("small", input_size=32), checkpoint)
-    common = ["experiment=face_pairs", f"data.csv={tmp_path / 'pairs.csv'}", f"data.root={root}", "data.image_size=32",
-              "model.arch=small", f"model.checkpoint={checkpoint}", "+model.input_size=32"]
-    store = explain(config("explain", tmp_path, *common, "explainer=[fame,random]", "explainer.fame.iterations=2",
-                           "explainer.fame.blur_kernel=7", "batch_size=4", "data.pairs.num_workers=0",
-                           "trainer.enable_progress_bar=false"))
+    common = [
+        "experiment=face_pairs",
+        f"data.csv={tmp_path / 'pairs.csv'}",
+        f"data.root={root}",
+        "data.image_size=32",
+        "model.arch=small",
+        f"model.checkpoint={checkpoint}",
+        "+model.input_size=32",
+    ]
+    store = explain(
+        config(
+            "explain",
+            tmp_path,
+            *common,
+            "explainer=[fame,random]",
+            "explainer.fame.iterations=2",
+            "explainer.fame.blur_kernel=7",
+            "batch_size=4",
+            "data.pairs.num_workers=0",
+            "trainer.enable_progress_bar=false",
+        )
+    )
     assert "fame/gallery.dissimilar" in store.entries and store.read("fame/probe.similar").shape == (4, 32, 32)
-    scores = evaluate(config("evaluate", tmp_path, *common, "logger.enabled=false", "families=[verification]", "grid_rows=1",
-                             "verification.percentages=[0,50,100]", "bootstrap.resamples=20", "data.pairs.num_workers=0"))
+    scores = evaluate(
+        config(
+            "evaluate",
+            tmp_path,
+            *common,
+            "logger.enabled=false",
+            "families=[verification]",
+            "grid_rows=1",
+            "verification.percentages=[0,50,100]",
+            "bootstrap.resamples=20",
+            "data.pairs.num_workers=0",
+        )
+    )
     assert {"verification_deletion_auc", "verification_insertion_auc"} <= set(scores["metric"])

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from scipy.stats import rankdata
-
-from fame.explain.corrrise import average_ranks, corrrise_masks, corrrise_maps, corrrise_patch_size
-
 from literal_baselines import literal_corrrise, literal_corrrise_masks
 from nets import TinyEmbedder
+from scipy.stats import rankdata
+
+from fame.explain.corrrise import average_ranks, corrrise_maps, corrrise_masks, corrrise_patch_size
 
 
 def generator(seed=0):
@@ -50,10 +49,14 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
     with torch.inference_mode():
         batched = corrrise_maps(model, images, references, masks=25, patch_size=3, batch_size=8, generator=generator(7))
     for b in range(3):
-        single = corrrise_maps(model, images[b : b + 1], references[b : b + 1], masks=25, patch_size=3, generator=generator(7))
+        single = corrrise_maps(
+            model, images[b : b + 1], references[b : b + 1], masks=25, patch_size=3, generator=generator(7)
+        )
         for key in ("similar", "dissimilar"):
             torch.testing.assert_close(batched[key][b : b + 1], single[key], atol=1e-5, rtol=1e-5)
-    assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules()) and all(
+        p.grad is None and p.requires_grad for p in model.parameters()
+    )
 
 
 class RegionEmbedder(torch.nn.Module):
@@ -67,8 +70,9 @@ class RegionEmbedder(torch.nn.Module):
 
 def test_corrrise_finds_the_region_the_similarity_depends_on():
     images = torch.rand(3, 3, 12, 12, generator=generator(8)) + 0.2
-    maps = corrrise_maps(RegionEmbedder(), images, torch.full((3, 3, 12, 12), 10.0), masks=200, patch_size=3,
-                         generator=generator(9))
+    maps = corrrise_maps(
+        RegionEmbedder(), images, torch.full((3, 3, 12, 12), 10.0), masks=200, patch_size=3, generator=generator(9)
+    )
     inside = torch.zeros(12, 12, dtype=torch.bool)
     inside[2:6, 7:11] = True
     similar = maps["similar"][:, 0]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_worker import explain
 
 from fame.lightning import EmptyMapWarning
 from fame.store import MapStore
-from store_worker import explain
 
 WORKER = Path(__file__).parent / "store_worker.py"
 SAMPLES = 13
@@ -51,7 +51,9 @@ def check_against_single_process(tmp_path: Path, store: MapStore, trace: Path) -
 def test_two_forked_ranks_match_one_process(tmp_path):
     """``ddp_fork``: the ranks are forks of this process (Lightning gives each one intra-op thread)."""
     trace = tmp_path / "trace"
-    store = explain(tmp_path / "ddp.zarr", samples=SAMPLES, batch_size=2, devices=2, strategy="ddp_fork", trace=str(trace))
+    store = explain(
+        tmp_path / "ddp.zarr", samples=SAMPLES, batch_size=2, devices=2, strategy="ddp_fork", trace=str(trace)
+    )
     check_against_single_process(tmp_path, store, trace)
 
 
@@ -59,8 +61,21 @@ def test_two_launched_ranks_match_one_process(tmp_path):
     """``ddp`` as on a cluster: Lightning starts rank 1 by running the script again; both create the
     store and begin the methods at the same time."""
     trace = tmp_path / "trace"
-    command = [sys.executable, str(WORKER), str(tmp_path / "ddp.zarr"), "--samples", str(SAMPLES), "--batch-size", "2",
-               "--devices", "2", "--strategy", "ddp", "--trace", str(trace)]
+    command = [
+        sys.executable,
+        str(WORKER),
+        str(tmp_path / "ddp.zarr"),
+        "--samples",
+        str(SAMPLES),
+        "--batch-size",
+        "2",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--trace",
+        str(trace),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     check_against_single_process(tmp_path, MapStore(tmp_path / "ddp.zarr"), trace)

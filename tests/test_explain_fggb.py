@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-
-from fame.explain.fggb import fggb_blur, fggb_maps
-
 from literal_baselines import literal_fggb
 from nets import TinyEmbedder
+
+from fame.explain.fggb import fggb_blur, fggb_maps
 
 
 def generator(seed=0):
@@ -24,11 +23,23 @@ def test_blur_scales_from_112_px():
 def test_fggb_equals_literal_per_dimension_loop(gradient_of):
     model = TinyEmbedder(size=12).double()
     images = torch.rand(2, 3, 12, 12, generator=generator(1), dtype=torch.float64)
-    references = torch.cat([images[:1] + 0.05 * torch.rand(1, 3, 12, 12, generator=generator(3), dtype=torch.float64),
-                            torch.rand(1, 3, 12, 12, generator=generator(2), dtype=torch.float64)])
+    references = torch.cat(
+        [
+            images[:1] + 0.05 * torch.rand(1, 3, 12, 12, generator=generator(3), dtype=torch.float64),
+            torch.rand(1, 3, 12, 12, generator=generator(2), dtype=torch.float64),
+        ]
+    )
     for threshold in (0.3, 0.9):
-        maps = fggb_maps(model, images, references, threshold=threshold, blur_kernel=5, blur_sigma=1.0, batch_size=5,
-                         gradient_of=gradient_of)
+        maps = fggb_maps(
+            model,
+            images,
+            references,
+            threshold=threshold,
+            blur_kernel=5,
+            blur_sigma=1.0,
+            batch_size=5,
+            gradient_of=gradient_of,
+        )
         similar, dissimilar = literal_fggb(model, images, references, threshold, 5, 1.0, gradient_of)
         np.testing.assert_allclose(maps["similar"][:, 0].numpy(), similar, atol=1e-10)
         np.testing.assert_allclose(maps["dissimilar"][:, 0].numpy(), dissimilar, atol=1e-10)
@@ -54,10 +65,14 @@ def test_batched_equals_one_at_a_time_and_model_is_left_alone():
     with torch.inference_mode():
         batched = fggb_maps(model, images, references, threshold=0.9, blur_kernel=3, blur_sigma=1.0)
     for b in range(3):
-        single = fggb_maps(model, images[b : b + 1], references[b : b + 1], threshold=0.9, blur_kernel=3, blur_sigma=1.0, batch_size=1)
+        single = fggb_maps(
+            model, images[b : b + 1], references[b : b + 1], threshold=0.9, blur_kernel=3, blur_sigma=1.0, batch_size=1
+        )
         for key in ("similar", "dissimilar"):
             torch.testing.assert_close(batched[key][b : b + 1], single[key], atol=1e-5, rtol=1e-5)
-    assert all(m.training for m in model.modules()) and all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules()) and all(
+        p.grad is None and p.requires_grad for p in model.parameters()
+    )
 
 
 class RegionEmbedder(torch.nn.Module):

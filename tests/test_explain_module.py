@@ -12,13 +12,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from nets import TinyClassifier
+from store_worker import FAME_OPTIONS, SETTINGS, SIZE, NoiseImages, explain, explain_after_fork
 from torch.utils.data import DataLoader
 
 from fame.explain.registry import MethodResult, get_method
 from fame.lightning import EmptyMapWarning, ExplainMethod, ExplainModule, Indexed, MapWriter, MissingRows
 from fame.store import MapStore
-from nets import TinyClassifier
-from store_worker import FAME_OPTIONS, SETTINGS, SIZE, NoiseImages, explain, explain_after_fork
 
 
 def traced(trace: Path):
@@ -38,12 +38,18 @@ def test_predict_writes_every_row_with_stats_log_and_empty_map_warning(tmp_path)
     images = torch.stack([dataset[i]["image"] for i in range(13)])
     labels = torch.tensor([dataset[i]["label"] for i in range(13)])
     ids = [dataset[i]["id"] for i in range(13)]
-    direct = get_method("fame", "classification")(TinyClassifier(seed=0).double(), images, labels, ids=ids, **FAME_OPTIONS)
+    direct = get_method("fame", "classification")(
+        TinyClassifier(seed=0).double(), images, labels, ids=ids, **FAME_OPTIONS
+    )
     assert store.ids == ids and store.entries == ["fame", "random"]
-    np.testing.assert_array_equal(store.read("fame"), direct.maps[""][:, 0].numpy().astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        store.read("fame"), direct.maps[""][:, 0].numpy().astype(np.float16).astype(np.float32)
+    )
     stats = store.read_stats("fame")
     np.testing.assert_array_equal(stats["iterations"].to_numpy(), direct.stats[""].iterations.float().numpy())
-    np.testing.assert_allclose(stats["initial_loss"].to_numpy(), direct.stats[""].initial_loss.float().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        stats["initial_loss"].to_numpy(), direct.stats[""].initial_loss.float().numpy(), rtol=1e-6
+    )
     assert stats["id"].tolist() == ids and store.read_stats("random")["iterations"].isna().all()
     assert store.method_settings("fame") == json.loads(json.dumps(SETTINGS["fame"]))
     assert traced(tmp_path / "trace") == {"fame": ids, "random": ids}
@@ -74,11 +80,17 @@ def test_killed_run_resumes_to_the_maps_of_an_uninterrupted_run(tmp_path):
         reference = explain(tmp_path / "reference.zarr", samples=11, batch_size=2)
     path, trace = tmp_path / "maps.zarr", tmp_path / "trace"
     context = multiprocessing.get_context("fork")
-    run = context.Process(target=explain_after_fork, args=(path,), kwargs=dict(samples=11, batch_size=2, delay=0.3, trace=str(trace)))
+    run = context.Process(
+        target=explain_after_fork, args=(path,), kwargs=dict(samples=11, batch_size=2, delay=0.3, trace=str(trace))
+    )
     run.start()
     deadline = time.time() + 120
     while time.time() < deadline and run.is_alive():
-        if (path / "zarr.json").exists() and (path / "random").exists() and MapStore(path).completed("random").sum() >= 4:
+        if (
+            (path / "zarr.json").exists()
+            and (path / "random").exists()
+            and MapStore(path).completed("random").sum() >= 4
+        ):
             break
         time.sleep(0.05)
     os.kill(run.pid, signal.SIGKILL)
@@ -105,10 +117,17 @@ def test_predict_step_checks_its_inputs_and_results(tmp_path):
         return MethodResult({"": torch.zeros(len(batch["id"]), 1, SIZE, SIZE)})
 
     module = ExplainModule(TinyClassifier().double(), [ExplainMethod(name, one_map)], store.path)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[MapWriter(store.path)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MapWriter(store.path)],
+    )
     loader = DataLoader(Indexed(NoiseImages(3)), batch_size=3)
-    with pytest.raises(ValueError, match=r"made maps \['pair'\], but its store entries are \['pair/similar', 'pair/dissimilar'\]"):
+    with pytest.raises(
+        ValueError, match=r"made maps \['pair'\], but its store entries are \['pair/similar', 'pair/dissimilar'\]"
+    ):
         trainer.predict(module, loader, return_predictions=False)
     with pytest.raises(ValueError, match="return_predictions=False"):
         trainer.predict(module, loader)

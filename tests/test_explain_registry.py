@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import TinyClassifier, TinyEmbedder
 
-from fame.explain import FameStats
-from fame.explain import registry
+from fame.explain import FameStats, registry
 from fame.explain.baselines import CosineSimilarityTarget
 from fame.explain.registry import MethodResult, get_method, layer_of, method_names, register_method
 from fame.models import build_face_model
 
-from nets import TinyClassifier, TinyEmbedder
-
 CAMS = ["fullgrad", "gradcam", "gradcam_elementwise", "hirescam", "scorecam"]
 FAME_OPTIONS = dict(iterations=3, blur_kernel=3, blur_sigma=1.0)
-CLASSIFICATION_OPTIONS = {"fame": FAME_OPTIONS, "rise": dict(masks=8, grid_size=3), **{cam: dict(layer="features.3") for cam in CAMS if cam != "fullgrad"}}
+CLASSIFICATION_OPTIONS = {
+    "fame": FAME_OPTIONS,
+    "rise": dict(masks=8, grid_size=3),
+    **{cam: dict(layer="features.3") for cam in CAMS if cam != "fullgrad"},
+}
 VERIFICATION_OPTIONS = {
     "fame": FAME_OPTIONS,
     "corrrise": dict(masks=10, patch_size=3),
@@ -28,17 +30,54 @@ VERIFICATION_OPTIONS = {
 
 def test_the_contracted_methods_are_registered():
     assert method_names("classification") == sorted(
-        ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "rise", "random", "centre", "sobel"])
+        [
+            "fame",
+            "gradcam",
+            "gradcam_elementwise",
+            "hirescam",
+            "fullgrad",
+            "scorecam",
+            "rise",
+            "random",
+            "centre",
+            "sobel",
+        ]
+    )
     assert method_names("verification") == sorted(
-        ["fame", "gradcam", "gradcam_elementwise", "hirescam", "fullgrad", "scorecam", "corrrise", "fggb", "random", "centre", "sobel"])
-    assert get_method("fggb", "verification").options == ["threshold", "blur_kernel", "blur_sigma", "normalization", "batch_size",
-                                                               "gradient_of"]
-    assert get_method("fullgrad", "classification").options == [] and get_method("gradcam", "verification").options == ["layer"]
+        [
+            "fame",
+            "gradcam",
+            "gradcam_elementwise",
+            "hirescam",
+            "fullgrad",
+            "scorecam",
+            "corrrise",
+            "fggb",
+            "random",
+            "centre",
+            "sobel",
+        ]
+    )
+    assert get_method("fggb", "verification").options == [
+        "threshold",
+        "blur_kernel",
+        "blur_sigma",
+        "normalization",
+        "batch_size",
+        "gradient_of",
+    ]
+    assert get_method("fullgrad", "classification").options == [] and get_method("gradcam", "verification").options == [
+        "layer"
+    ]
 
 
 def snapshot(model):
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            [p.grad for p in model.parameters()], [p.detach().clone() for p in model.parameters()])
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+        [p.detach().clone() for p in model.parameters()],
+    )
 
 
 def prepare(model):
@@ -71,8 +110,9 @@ def test_every_classification_method_runs_and_leaves_the_model_alone(name):
     before = snapshot(model)
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        result = get_method(name, "classification")(model, images, torch.tensor([1, 3]), ids=["a", "b"],
-                                                    **CLASSIFICATION_OPTIONS.get(name, {}))
+        result = get_method(name, "classification")(
+            model, images, torch.tensor([1, 3]), ids=["a", "b"], **CLASSIFICATION_OPTIONS.get(name, {})
+        )
     check_maps(result, [""], (2, 1, 12, 12))
     if name == "fame":
         assert isinstance(result.stats[""], FameStats) and result.stats[""].iterations.tolist() == [3, 3]
@@ -86,8 +126,9 @@ def test_every_verification_method_runs_and_leaves_the_model_alone(name):
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     references = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        result = get_method(name, "verification")(model, images, references, ids=["p0", "p1"],
-                                                  **VERIFICATION_OPTIONS.get(name, {}))
+        result = get_method(name, "verification")(
+            model, images, references, ids=["p0", "p1"], **VERIFICATION_OPTIONS.get(name, {})
+        )
     check_maps(result, ["similar", "dissimilar"], (2, 1, 12, 12))
     if name == "fame":
         assert sorted(result.stats) == ["dissimilar", "similar"]
@@ -143,19 +184,27 @@ def test_random_floor_depends_on_the_id_only():
     part = method(None, images[1:], images[1:], ids=["y", "z"])
     torch.testing.assert_close(whole.maps["similar"][1:], part.maps["similar"])
     assert not torch.equal(whole.maps["similar"], whole.maps["dissimilar"])
-    assert not torch.equal(whole.maps["similar"], method(None, images, images, ids=["x", "y", "z"], seed=1).maps["similar"])
+    assert not torch.equal(
+        whole.maps["similar"], method(None, images, images, ids=["x", "y", "z"], seed=1).maps["similar"]
+    )
 
 
 def test_errors_name_what_is_known():
     model = TinyClassifier()
     images = torch.rand(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="unknown classification method 'corrrise'; known classification methods: centre, fame"):
+    with pytest.raises(
+        ValueError, match="unknown classification method 'corrrise'; known classification methods: centre, fame"
+    ):
         get_method("corrrise", "classification")
     with pytest.raises(ValueError, match="unknown task 'detection'"):
         method_names("detection")
-    with pytest.raises(ValueError, match=r"rise \(classification\) has no option 'mask'; its options are masks, grid_size"):
+    with pytest.raises(
+        ValueError, match=r"rise \(classification\) has no option 'mask'; its options are masks, grid_size"
+    ):
         get_method("rise", "classification")(model, images, [0], ids=["a"], mask=3)
-    with pytest.raises(ValueError, match=r"fame \(classification\) has no option 'iteration'; its options are loss, step_size"):
+    with pytest.raises(
+        ValueError, match=r"fame \(classification\) has no option 'iteration'; its options are loss, step_size"
+    ):
         get_method("fame", "classification")(model, images, [0], ids=["a"], iteration=3)
     with pytest.raises(ValueError, match=r"ids must hold one sample id per image \(1\), got 2"):
         get_method("sobel", "classification")(model, images, [0], ids=["a", "b"])
@@ -175,12 +224,15 @@ def test_a_new_method_plugs_in_with_one_function(monkeypatch):
     torch.testing.assert_close(result.maps[""], torch.full((1, 1, 4, 4), 0.5))
     with pytest.raises(ValueError, match="already registered"):
         register_method("brightness", "classification")(brightness)
-    bad = register_method("nan_method", "classification")(lambda model, images, targets, *, ids: MethodResult({"": images[:, :1] * float("nan")}))
+    bad = register_method("nan_method", "classification")(
+        lambda model, images, targets, *, ids: MethodResult({"": images[:, :1] * float("nan")})
+    )
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         get_method("nan_method", "classification")(None, torch.rand(1, 3, 4, 4), [0], ids=["a"])
     assert bad is not None
     register_method("unscaled", "verification")(
-        lambda model, images, other, *, ids: MethodResult({"similar": 255 * images[:, :1], "dissimilar": images[:, :1]}))
+        lambda model, images, other, *, ids: MethodResult({"similar": 255 * images[:, :1], "dissimilar": images[:, :1]})
+    )
     with pytest.raises(RuntimeError, match=r"unscaled returned 'similar' maps outside \[0, 1\]"):
         get_method("unscaled", "verification")(None, torch.rand(1, 3, 4, 4) + 0.5, None, ids=["a"])
 

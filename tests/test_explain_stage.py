@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from nets import CappedMemory, TinyEmbedder
 from torch import nn
 
 from fame.explain import batching
@@ -13,8 +14,6 @@ from fame.explain.registry import MethodResult
 from fame.stages import explain
 from fame.stages.explain import auto_batch_size, method_identity
 from fame.tasks import task_of
-
-from nets import CappedMemory, TinyEmbedder
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -61,28 +60,51 @@ def test_the_predicted_target_does_not_depend_on_the_trainers_precision():
             assert torch.is_autocast_enabled("cpu")
             return compute(self.model, {"image": batch[0], "label": [0] * len(batch[0]), "id": list("abcd")})
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.predict(Explainer(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4))
     assert explained == [[1] * 4]
 
 
 @pytest.mark.parametrize("experiment,image_key,samples", [("shapes", "image", 24), ("faces", "probe", 12)])
-def test_auto_batch_size_counts_the_images_fame_forwards_per_sample(tmp_path, monkeypatch, experiment, image_key,
-                                                                     samples):
+def test_auto_batch_size_counts_the_images_fame_forwards_per_sample(
+    tmp_path, monkeypatch, experiment, image_key, samples
+):
     monkeypatch.setattr(batching, "ram_fits", batching.trial_fits)  # the CPU tries batches like a GPU: the cap bites
     model = CappedMemory(TinyEmbedder(), 24)
-    size = auto_batch_size(config(tmp_path, f"experiment={experiment}", "explainer=[fame]"), model,
-                           {image_key: torch.rand(3, 12, 12)})
+    size = auto_batch_size(
+        config(tmp_path, f"experiment={experiment}", "explainer=[fame]"), model, {image_key: torch.rand(3, 12, 12)}
+    )
     assert size == samples  # verification runs e+ and e- of each sample as one batch: 2 images per sample
 
 
 def test_faces_experiment_with_auto_batch_size_and_the_eer_threshold(tmp_path):
     """FGGB's EER threshold reads the pairs in batches before the FAME batches run: auto is resolved first."""
-    store = explain(config(tmp_path, "experiment=faces", "checkpoint=null", "model=face_checkpoint", "model.arch=small",
-                           "model.checkpoint=null", "+model.input_size=64", "limit=4", "batch_size=auto",
-                           "explainer=[fame]", "explainer.fame.iterations=2", "explainer.corrrise.masks=8",
-                           "trainer.enable_progress_bar=false", f"store={tmp_path}/maps.zarr"))
+    store = explain(
+        config(
+            tmp_path,
+            "experiment=faces",
+            "checkpoint=null",
+            "model=face_checkpoint",
+            "model.arch=small",
+            "model.checkpoint=null",
+            "+model.input_size=64",
+            "limit=4",
+            "batch_size=auto",
+            "explainer=[fame]",
+            "explainer.fame.iterations=2",
+            "explainer.corrrise.masks=8",
+            "trainer.enable_progress_bar=false",
+            f"store={tmp_path}/maps.zarr",
+        )
+    )
     assert set(store.methods) == {"fame", "corrrise", "fggb"}
     assert all(store.missing_rows(method).size == 0 for method in store.methods)
     assert -1.0 <= store.method_provenance("fggb")["eer_threshold"] <= 1.0

@@ -97,7 +97,9 @@ def test_flip_happens_in_training_only_keyed_by_seed_epoch_and_id_and_mirrors_th
     unflipped.setup()
     unflipped.trainer = module.trainer
     module.trainer.training = True
-    assert not any(_mirrored(unflipped.on_after_batch_transfer(batch, 0)).any() for batch in unflipped.train_dataloader())
+    assert not any(
+        _mirrored(unflipped.on_after_batch_transfer(batch, 0)).any() for batch in unflipped.train_dataloader()
+    )
 
     faces = SyntheticFaces(num_identities=2, images_per_identity=8, size=48, occlusion="glasses")
     mirrored = FaceTrainingDataModule(faces, val_fraction=0.0, batch_size=16)
@@ -155,7 +157,10 @@ def test_verification_converts_uint8_pairs():
 def test_two_workers_deliver_the_same_batches_as_the_main_process():
     faces = SyntheticFaces(num_identities=4, images_per_identity=4, size=32)
     pairs = SyntheticFacePairs(faces, num_pairs=8)
-    in_process, with_workers = VerificationDataModule(pairs, batch_size=4), VerificationDataModule(pairs, batch_size=4, num_workers=2)
+    in_process, with_workers = (
+        VerificationDataModule(pairs, batch_size=4),
+        VerificationDataModule(pairs, batch_size=4, num_workers=2),
+    )
     in_process.setup()
     with_workers.setup()
     for a, b in zip(in_process.val_dataloader(), with_workers.val_dataloader(), strict=True):
@@ -195,8 +200,14 @@ class TinyFaceClassifier(L.LightningModule):
     def __init__(self, classes: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(16, classes)
 
@@ -219,8 +230,13 @@ class TinyFaceClassifier(L.LightningModule):
 
 def _trainer(**kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
 
 

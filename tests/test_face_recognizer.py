@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fame.data import FaceRecognitionDataModule, FaceTrainingDataModule, SyntheticFacePairs, SyntheticFaces, VerificationDataModule
+from fame.data import (
+    FaceRecognitionDataModule,
+    FaceTrainingDataModule,
+    SyntheticFacePairs,
+    SyntheticFaces,
+    VerificationDataModule,
+)
 from fame.lightning.face import (
     SET_METRICS,
     FaceRecognizer,
@@ -32,7 +38,9 @@ def face_data(pair_batch_size=4):
         FaceTrainingDataModule(faces, val_fraction=0.0, batch_size=8),
         {
             "synth": VerificationDataModule(SyntheticFacePairs(others, num_pairs=21), batch_size=pair_batch_size),
-            "synth_b": VerificationDataModule(SyntheticFacePairs(others, num_pairs=13, seed=1), batch_size=pair_batch_size),
+            "synth_b": VerificationDataModule(
+                SyntheticFacePairs(others, num_pairs=13, seed=1), batch_size=pair_batch_size
+            ),
         },
     )
 
@@ -45,8 +53,15 @@ def recognizer(**overrides):
 
 def trainer(**overrides):
     settings = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_steps=3, val_check_interval=3, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=3,
+        val_check_interval=3,
+        num_sanity_val_steps=0,
     )
     return L.Trainer(**{**settings, **overrides})
 
@@ -179,13 +194,20 @@ def test_configuration_errors_are_clear():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         recognizer(optimizer="lbfgs")
     with pytest.raises(ValueError, match="set embedding_size=512"):
-        recognizer(backbone={"_target_": "fame.models.build_face_model", "arch": "small", "input_size": 32,
-                             "embedding_size": 512})
+        recognizer(
+            backbone={
+                "_target_": "fame.models.build_face_model",
+                "arch": "small",
+                "input_size": 32,
+                "embedding_size": 512,
+            }
+        )
     model, data = recognizer(val_sets=["only_one"]), face_data()
     with pytest.raises(ValueError, match="2 val dataloaders"):
         trainer().validate(model, data, verbose=False)
-    training = FaceTrainingDataModule(SyntheticFaces(num_identities=4, images_per_identity=3, size=32), val_fraction=0.25,
-                                      batch_size=4)
+    training = FaceTrainingDataModule(
+        SyntheticFaces(num_identities=4, images_per_identity=3, size=32), val_fraction=0.25, batch_size=4
+    )
     with pytest.raises(ValueError, match="verification pairs"):
         trainer().validate(recognizer(val_sets=["faces"]), training, verbose=False)
     with pytest.raises(ValueError, match="'synth'.*cannot be split into 10 folds"):
@@ -217,8 +239,9 @@ def test_backbone_exports_load_back(tmp_path):
     images = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         expected = model(images)
-        from_state_dict = build_face_model(checkpoint=model.export_backbone(tmp_path / "backbone.pth"),
-                                           **model.backbone_arguments)
+        from_state_dict = build_face_model(
+            checkpoint=model.export_backbone(tmp_path / "backbone.pth"), **model.backbone_arguments
+        )
         torch.testing.assert_close(from_state_dict(images), expected)
         from_onnx = build_face_model("onnx", model.export_backbone(tmp_path / "backbone.onnx"))
         torch.testing.assert_close(from_onnx(images), expected, atol=1e-4, rtol=1e-4)

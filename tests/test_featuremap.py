@@ -107,8 +107,17 @@ def test_sheet_has_49_tiles_with_the_squares_where_they_belong(tmp_path):
 
 def test_sheet_of_a_sub_grid_leaves_other_tiles_blank_and_scales(tmp_path):
     locations = [(0, 0), (1, 1)]
-    path = feature_map_sheet(torch.rand(3, 8, 8), torch.rand(2, 1, 8, 8), 2, 2, tmp_path / "s.png",
-                             locations=locations, scale=3, gap=0, line_width=2)
+    path = feature_map_sheet(
+        torch.rand(3, 8, 8),
+        torch.rand(2, 1, 8, 8),
+        2,
+        2,
+        tmp_path / "s.png",
+        locations=locations,
+        scale=3,
+        gap=0,
+        line_width=2,
+    )
     sheet = np.asarray(Image.open(path).convert("RGB"))
     assert sheet.shape == (48, 48, 3)
     assert (sheet[:24, 24:] == 255).all()  # location (0, 1) was not explained: blank
@@ -129,8 +138,9 @@ def test_layer_report_on_a_tiny_two_stage_network():
     model = TinyBackbone()
     images = torch.rand(2, 3, 16, 16)
     config = FameConfig(iterations=3, blur_kernel=3, blur_sigma=1.0)
-    by_location = outside_mass_by_location(model, images, ["stage1", "stage2"], config, max_locations=9,
-                                           image_ids=["a", "b"])
+    by_location = outside_mass_by_location(
+        model, images, ["stage1", "stage2"], config, max_locations=9, image_ids=["a", "b"]
+    )
     # stage1 is 8x8 (sub-grid of 3x3 = 9 locations), stage2 4x4 (all 16 > 9, so 3x3 as well)
     assert by_location.groupby("layer").size().to_dict() == {"stage1": 18, "stage2": 18}
     assert set(by_location["image"]) == {"a", "b"}

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 
 from fame.config import ConfigError, UntrustedFileError, check_file_data, instantiate
 from fame.lightning import FaceRecognizer, ImageClassifier, load_face_recognizer
+from fame.pipeline import explained_model
 from fame.stages import evaluate, explain, train
 from fame.stages.evaluate import store_config
-from fame.pipeline import explained_model
 from fame.store import MapStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,11 @@ def config(name, output_dir, *overrides):
 
 def writes(path):
     """A node that creates ``path`` when built: ``pathlib.Path(path).write_text("written")``."""
-    return {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(path)]},
-            "data": "written"}
+    return {
+        "_target_": "pathlib.Path.write_text",
+        "self": {"_target_": "pathlib.Path", "_args_": [str(path)]},
+        "data": "written",
+    }
 
 
 def truncates(path):
@@ -50,8 +53,15 @@ def save_module(module, path, training_state=False, **hyperparameters):
     """A weights-only Lightning checkpoint of ``module`` with its hyper-parameters (``hyperparameters`` replacing some);
     ``training_state`` adds the (empty) optimizer and loop states that a resumable checkpoint has."""
     extra = {"optimizer_states": [], "loops": {}} if training_state else {}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {**dict(module.hparams), **hyperparameters},
-                "pytorch-lightning_version": L.__version__, **extra}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": {**dict(module.hparams), **hyperparameters},
+            "pytorch-lightning_version": L.__version__,
+            **extra,
+        },
+        path,
+    )
     torch.load(path, weights_only=True)  # what the README promises: it loads weights-only
     return path
 
@@ -65,8 +75,9 @@ def one_line_refusal(result):
 
 def run(script, *overrides, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_crafted_nodes_write_files_when_built(tmp_path):
@@ -81,8 +92,9 @@ def test_the_crafted_nodes_write_files_when_built(tmp_path):
 
 
 def shapes_store(path, data):
-    return MapStore.create_or_open(path, num_samples=4, size=(64, 64),
-                                   meta={"task": "classification", "data": data, "split": "test", "limit": 4})
+    return MapStore.create_or_open(
+        path, num_samples=4, size=(64, 64), meta={"task": "classification", "data": data, "split": "test", "limit": 4}
+    )
 
 
 def shapes_data(tmp_path):
@@ -97,8 +109,9 @@ def test_evaluate_refuses_a_store_whose_data_config_writes_files(tmp_path):
     data["datamodule"]["test"]["seed"] = truncates(victim)
     store = shapes_store(tmp_path / "sent.zarr", data)
 
-    line = one_line_refusal(run("evaluate.py", f"paths.output_dir={tmp_path / 'out'}", f"store={store.path}",
-                                "logger.enabled=false"))
+    line = one_line_refusal(
+        run("evaluate.py", f"paths.output_dir={tmp_path / 'out'}", f"store={store.path}", "logger.enabled=false")
+    )
     assert str(store.path) in line and "meta.data.datamodule.val.seed._target_" in line
     assert "pathlib.Path.write_text" in line and f"trust=[{store.path}]" in line
     assert not created.exists() and victim.read_text() == "precious"
@@ -132,14 +145,20 @@ def test_a_store_may_not_open_a_file_for_writing_resolve_an_interpolation_or_gra
 
 def test_a_project_builder_in_a_file_takes_only_its_own_arguments(tmp_path):
     data = {"datamodule": {"_target_": "fame.data.ShapesDataset", "length": 4, "root": "/elsewhere"}}
-    with pytest.raises(ConfigError, match=r"sent.zarr holds data.datamodule = fame.data.ShapesDataset with the argument\(s\) \['root'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sent.zarr holds data.datamodule = fame.data.ShapesDataset with the argument\(s\) \['root'\]",
+    ):
         check_file_data(data, "sent.zarr", "data")
 
 
 def test_trust_lets_a_users_own_store_with_a_custom_target_through(tmp_path):
     data = shapes_data(tmp_path)
-    data["datamodule"]["test"] = {"_target_": "torch.utils.data.Subset", "dataset": data["datamodule"]["test"],
-                                  "indices": [0, 1, 2, 3]}
+    data["datamodule"]["test"] = {
+        "_target_": "torch.utils.data.Subset",
+        "dataset": data["datamodule"]["test"],
+        "indices": [0, 1, 2, 3],
+    }
     store = shapes_store(tmp_path / "mine.zarr", data)
     with pytest.raises(UntrustedFileError, match=r"meta.data.datamodule.test._target_ = 'torch.utils.data.Subset'"):
         store_config(config("evaluate", tmp_path), store)
@@ -170,7 +189,11 @@ def recognizer():
 CRAFTED_SPECS = {  # (module, hyper-parameter, where the node goes, key named in the refusal)
     "model": ("classifier", lambda node: {**SMALL_CNN, "dropout": node}, "hyper_parameters.model.dropout._target_"),
     "model_target": ("classifier", lambda node: node, "hyper_parameters.model._target_"),
-    "backbone": ("recognizer", lambda node: {**SMALL_FACE, "dropout": node}, "hyper_parameters.backbone.dropout._target_"),
+    "backbone": (
+        "recognizer",
+        lambda node: {**SMALL_FACE, "dropout": node},
+        "hyper_parameters.backbone.dropout._target_",
+    ),
     "head": ("recognizer", lambda node: {"name": "arcface", "margin": node}, "hyper_parameters.head.margin._target_"),
 }
 
@@ -185,8 +208,10 @@ def test_a_crafted_weights_only_checkpoint_is_refused_by_every_loader(tmp_path, 
     victim.write_text("precious")
     path = save_module(module, tmp_path / "sent.ckpt", **{hyperparameter: crafted(node(victim))})
     module_class = type(module)
-    loaders = [lambda: module_class.load_from_checkpoint(path),
-               lambda: (ImageClassifier.load_from_checkpoint if fixture == "classifier" else load_face_recognizer)(path)]
+    loaders = [
+        lambda: module_class.load_from_checkpoint(path),
+        lambda: (ImageClassifier.load_from_checkpoint if fixture == "classifier" else load_face_recognizer)(path),
+    ]
     for load in loaders:
         with pytest.raises(UntrustedFileError) as refused:
             load()
@@ -199,7 +224,9 @@ def test_explain_refuses_a_crafted_checkpoint_before_writing_anything(tmp_path, 
     created = tmp_path / "created.txt"
     path = save_module(classifier, tmp_path / "sent.ckpt", model={**SMALL_CNN, "dropout": writes(created)})
     line = one_line_refusal(run("explain.py", f"paths.output_dir={tmp_path / 'out'}", f"checkpoint={path}", "limit=2"))
-    assert line.startswith(f"explain.py: {path} holds hyper_parameters.model.dropout._target_ = 'pathlib.Path.write_text'")
+    assert line.startswith(
+        f"explain.py: {path} holds hyper_parameters.model.dropout._target_ = 'pathlib.Path.write_text'"
+    )
     assert f"trust=[{path}]" in line
     assert not created.exists() and not (tmp_path / "out").exists()
 
@@ -207,23 +234,46 @@ def test_explain_refuses_a_crafted_checkpoint_before_writing_anything(tmp_path, 
 def test_train_refuses_to_resume_a_crafted_checkpoint_before_writing_anything(tmp_path, classifier):
     created, runs = tmp_path / "created.txt", tmp_path / "runs"
     runs.mkdir()
-    path = save_module(classifier, runs / "sent.ckpt", training_state=True,
-                       model={**SMALL_CNN, "widths": [writes(created)]})
-    line = one_line_refusal(run("train.py", f"paths.output_dir={tmp_path / 'out'}", f"resume={path}", "limit=8",
-                                "logger.enabled=false"))
-    assert line.startswith(f"train.py: {path} holds hyper_parameters.model.widths.0._target_ = 'pathlib.Path.write_text'")
+    path = save_module(
+        classifier, runs / "sent.ckpt", training_state=True, model={**SMALL_CNN, "widths": [writes(created)]}
+    )
+    line = one_line_refusal(
+        run("train.py", f"paths.output_dir={tmp_path / 'out'}", f"resume={path}", "limit=8", "logger.enabled=false")
+    )
+    assert line.startswith(
+        f"train.py: {path} holds hyper_parameters.model.widths.0._target_ = 'pathlib.Path.write_text'"
+    )
     assert not created.exists() and sorted(p.name for p in runs.iterdir()) == ["sent.ckpt"]
     assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_refuses_a_crafted_checkpoint(tmp_path, classifier):
-    store = explain(config("explain", tmp_path, "checkpoint=null", "explainer=[random]", "limit=2",
-                           "trainer.enable_progress_bar=false", "data.datamodule.test.length=4"))
+    store = explain(
+        config(
+            "explain",
+            tmp_path,
+            "checkpoint=null",
+            "explainer=[random]",
+            "limit=2",
+            "trainer.enable_progress_bar=false",
+            "data.datamodule.test.length=4",
+        )
+    )
     created = tmp_path / "created.txt"
     path = save_module(classifier, tmp_path / "sent.ckpt", model={**SMALL_CNN, "dropout": writes(created)})
-    with pytest.raises(UntrustedFileError, match=r"hyper_parameters.model.dropout._target_ = 'pathlib.Path.write_text'"):
-        evaluate(config("evaluate", tmp_path, f"store={store.path}", f"checkpoint={path}", "logger.enabled=false",
-                        "families=[localization]"))
+    with pytest.raises(
+        UntrustedFileError, match=r"hyper_parameters.model.dropout._target_ = 'pathlib.Path.write_text'"
+    ):
+        evaluate(
+            config(
+                "evaluate",
+                tmp_path,
+                f"store={store.path}",
+                f"checkpoint={path}",
+                "logger.enabled=false",
+                "families=[localization]",
+            )
+        )
     assert not created.exists() and not (tmp_path / "shapes" / "evaluate").exists()
 
 
@@ -232,8 +282,10 @@ def test_trust_or_the_command_line_lets_a_users_own_target_through(tmp_path):
     path = save_module(own, tmp_path / "mine.ckpt")
     with pytest.raises(UntrustedFileError, match=r"hyper_parameters.model._target_ = 'nets.TinyClassifier'"):
         ImageClassifier.load_from_checkpoint(path)
-    for loaded in (ImageClassifier.load_from_checkpoint(path, trust=True),
-                   ImageClassifier.load_from_checkpoint(path, named_targets={"nets.TinyClassifier"})):
+    for loaded in (
+        ImageClassifier.load_from_checkpoint(path, trust=True),
+        ImageClassifier.load_from_checkpoint(path, named_targets={"nets.TinyClassifier"}),
+    ):
         assert all(torch.equal(value, own.state_dict()[key]) for key, value in loaded.state_dict().items())
     # explain.py: trust=[PATH], or the same target given on the command line
     for overrides in ([f"trust=[{path}]"], ["model._target_=nets.TinyClassifier", "+model.classes=4"]):
@@ -256,8 +308,13 @@ def test_a_checkpoint_of_another_task_or_class_count_is_a_one_line_error(tmp_pat
 
 
 def test_a_resumed_run_does_not_build_what_its_saved_config_names(tmp_path):
-    quick = ("limit=32", "trainer.max_epochs=1", "data.datamodule.batch_size=16", "trainer.enable_progress_bar=false",
-             "logger.enabled=false")
+    quick = (
+        "limit=32",
+        "trainer.max_epochs=1",
+        "data.datamodule.batch_size=16",
+        "trainer.enable_progress_bar=false",
+        "logger.enabled=false",
+    )
     train(config("train", tmp_path, *quick))
     (run_dir,) = (tmp_path / "shapes" / "train" / "runs").iterdir()
     (run_dir / "FINISHED").unlink()

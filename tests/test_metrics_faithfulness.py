@@ -45,7 +45,9 @@ def test_remove_top_pixels_counts_ties_and_fill():
     assert remove_top_pixels(images, maps, 0.0).equal(images)
     assert (remove_top_pixels(images, maps, 1.0, fill=7) == 7).all()
     fill = torch.full_like(images, 9.0)
-    per_sample = remove_top_pixels(images.repeat(2, 1, 1, 1), maps.repeat(2, 1, 1, 1), torch.tensor([0.25, 1.0]), fill.repeat(2, 1, 1, 1))
+    per_sample = remove_top_pixels(
+        images.repeat(2, 1, 1, 1), maps.repeat(2, 1, 1, 1), torch.tensor([0.25, 1.0]), fill.repeat(2, 1, 1, 1)
+    )
     assert per_sample.flatten(1).tolist() == [[0, 9, 2, 3], [9, 9, 9, 9]]
     assert pixel_ranks(maps).flatten().tolist() == [1, 0, 2, 3]
     with pytest.raises(ValueError, match="resize the maps"):
@@ -62,10 +64,12 @@ def test_deletion_curve_on_region_sum_model():
     curve = deletion_curve(model, batch, maps, targets)
     # the logit at fraction f: 75 - removed region pixels x 3 channels
     region_pixels_removed = torch.tensor(
-        [[min(round(f * 100), 25) for f in DEFAULT_FRACTIONS],
-         [max(round(f * 100) - 75, 0) for f in DEFAULT_FRACTIONS],
-         # uniform map: raster order, the region is the left half of the first five rows
-         [sum(1 for i in range(round(f * 100)) if i % 10 < 5 and i // 10 < 5) for f in DEFAULT_FRACTIONS]],
+        [
+            [min(round(f * 100), 25) for f in DEFAULT_FRACTIONS],
+            [max(round(f * 100) - 75, 0) for f in DEFAULT_FRACTIONS],
+            # uniform map: raster order, the region is the left half of the first five rows
+            [sum(1 for i in range(round(f * 100)) if i % 10 < 5 and i // 10 < 5) for f in DEFAULT_FRACTIONS],
+        ],
         dtype=torch.float,
     )
     expected = torch.sigmoid(75 - 3 * region_pixels_removed)

@@ -36,8 +36,12 @@ def test_against_literal_definitions():
     maps = torch.rand(6, 1, 9, 7, generator=generator)
     maps[0] = torch.round(maps[0] * 3) / 3  # ties
     masks = (torch.rand(6, 1, 9, 7, generator=generator) > 0.7).float()
-    fast = [pointing_game(maps, masks), relevance_mass_accuracy(maps, masks),
-            relevance_rank_accuracy(maps, masks), top_k_intersection(maps, masks, 5)]
+    fast = [
+        pointing_game(maps, masks),
+        relevance_mass_accuracy(maps, masks),
+        relevance_rank_accuracy(maps, masks),
+        top_k_intersection(maps, masks, 5),
+    ]
     for b in range(6):
         expected = literal_scores(maps[b, 0], masks[b, 0])
         for metric, value in zip(fast, expected):
@@ -63,7 +67,16 @@ def test_analytic_cases():
     assert relevance_mass_accuracy(empty, masks[:1]).item() == 0.0
     assert pr_auc(maps[:1], empty).item() == 0.0
     assert threshold_iou(empty, empty, 0.5).item() == 0.0
-    for name in ("pointing_game", "pointing_game_15px", "relevance_mass", "relevance_rank", "pr_auc", "iou_30", "iou_50", "iou_70"):
+    for name in (
+        "pointing_game",
+        "pointing_game_15px",
+        "relevance_mass",
+        "relevance_rank",
+        "pr_auc",
+        "iou_30",
+        "iou_50",
+        "iou_70",
+    ):
         assert LOCALIZATION_METRICS[name](maps, masks).shape == (2,)
     assert "top_k_iou" not in LOCALIZATION_METRICS
 

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from fame.metrics.localization import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy, top_k_intersection
+from fame.metrics.localization import (
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    top_k_intersection,
+)
 
 quantus = pytest.importorskip("quantus")
 
@@ -25,7 +30,10 @@ def batch():
 
 def run_quantus(metric, batch):
     images, maps, masks = batch
-    return np.asarray(metric(model=None, x_batch=images, y_batch=np.zeros(len(images), dtype=int), a_batch=maps, s_batch=masks), dtype=float)
+    return np.asarray(
+        metric(model=None, x_batch=images, y_batch=np.zeros(len(images), dtype=int), a_batch=maps, s_batch=masks),
+        dtype=float,
+    )
 
 
 @pytest.mark.parametrize(
@@ -34,7 +42,10 @@ def run_quantus(metric, batch):
         (pointing_game, lambda: quantus.PointingGame(normalise=False, disable_warnings=True)),
         (relevance_mass_accuracy, lambda: quantus.RelevanceMassAccuracy(normalise=False, disable_warnings=True)),
         (relevance_rank_accuracy, lambda: quantus.RelevanceRankAccuracy(normalise=False, disable_warnings=True)),
-        (lambda maps, masks: top_k_intersection(maps, masks, 20), lambda: quantus.TopKIntersection(k=20, normalise=False, disable_warnings=True)),
+        (
+            lambda maps, masks: top_k_intersection(maps, masks, 20),
+            lambda: quantus.TopKIntersection(k=20, normalise=False, disable_warnings=True),
+        ),
     ],
     ids=["pointing_game", "relevance_mass", "relevance_rank", "top_k_intersection"],
 )

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.linalg import spsolve
+from test_metrics_faithfulness import RegionSum, region_toy
 
 from fame.metrics.faithfulness import pixel_ranks
 from fame.metrics.road import noisy_linear_impute, road_curve, solve_linear_imputation
-from test_metrics_faithfulness import RegionSum, region_toy
 
-
-NEIGHBOURS = [((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
-              for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+NEIGHBOURS = [
+    ((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+]
 
 
 def direct_solve(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -108,14 +108,17 @@ def test_road_curve_zero_imputation_on_region_sum_model():
     model = RegionSum(region).eval()
     maps = torch.cat([region, 1 - region])
     curves = road_curve(model, images.repeat(2, 1, 1, 1), maps, torch.zeros(2, dtype=torch.long), imputation="zero")
-    removed_region = torch.tensor([[min(p, 25) for p in range(0, 101, 10)],
-                                   [max(p - 75, 0) for p in range(0, 101, 10)]], dtype=torch.float)
+    removed_region = torch.tensor(
+        [[min(p, 25) for p in range(0, 101, 10)], [max(p - 75, 0) for p in range(0, 101, 10)]], dtype=torch.float
+    )
     torch.testing.assert_close(curves.logit, 75 - 3 * removed_region)
     torch.testing.assert_close(curves.logit_drop, 3 * removed_region)
     torch.testing.assert_close(curves.probability, torch.sigmoid(75 - 3 * removed_region))
     assert curves.correct.tolist() == [[1.0] * 11] * 2  # logit 0 ties with class 1: the first maximum wins
     assert curves.percentages.tolist() == list(range(0, 101, 10))
-    least = road_curve(model, images, region, torch.zeros(1, dtype=torch.long), most_relevant_first=False, imputation="zero")
+    least = road_curve(
+        model, images, region, torch.zeros(1, dtype=torch.long), most_relevant_first=False, imputation="zero"
+    )
     torch.testing.assert_close(least.logit, curves.logit[1:])
 
 
@@ -127,13 +130,20 @@ def test_road_curve_linear_is_batch_size_invariant():
     targets = torch.tensor([0, 1, 3])
     percentages = [0, 25, 50, 100]
     whole = road_curve(model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(0))
-    single = road_curve(model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(0), batch_size=1)
+    single = road_curve(
+        model, images, maps, targets, percentages, generator=torch.Generator().manual_seed(0), batch_size=1
+    )
     torch.testing.assert_close(single.logit, whole.logit, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole.logit[:, 0], model(images)[torch.arange(3), targets].detach())
     # a region-sum model on a constant image: the linear imputation restores the constant
     region, constant = region_toy()
-    noise_free = road_curve(RegionSum(region), constant, torch.rand(1, 1, 10, 10, generator=generator),
-                            torch.zeros(1, dtype=torch.long), noise_std=0)
+    noise_free = road_curve(
+        RegionSum(region),
+        constant,
+        torch.rand(1, 1, 10, 10, generator=generator),
+        torch.zeros(1, dtype=torch.long),
+        noise_std=0,
+    )
     # (at 100 % nothing is known and the imputation is 0)
     torch.testing.assert_close(noise_free.logit, torch.tensor([[75.0] * 10 + [0.0]]), atol=1e-3, rtol=0)
 
@@ -178,7 +188,9 @@ def test_road_curve_same_on_cpu_and_gpu():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 48 * 48, 5)).eval()
     targets = torch.tensor([0, 1, 2, 3])
     cpu = road_curve(model, images, maps, targets, generator=torch.Generator().manual_seed(0))
-    gpu = road_curve(model.cuda(), images.cuda(), maps.cuda(), targets.cuda(), generator=torch.Generator().manual_seed(0))
+    gpu = road_curve(
+        model.cuda(), images.cuda(), maps.cuda(), targets.cuda(), generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(gpu.logit.cpu(), cpu.logit, atol=1e-4, rtol=1e-4)
     seeds = torch.tensor([5, 6, 7, 8])
     keyed_cpu = road_curve(model.cpu(), images, maps, targets, noise_seeds=seeds)

@@ -21,9 +21,14 @@ from fame.metrics.sanity import (
 def tiny_classifier():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     ).eval()
 
 
@@ -80,7 +85,9 @@ def test_a_model_independent_map_passes_unchanged():
     def edge_map(model, images, targets):  # ignores the model: the failure Adebayo et al. expose
         return images.mean(dim=1, keepdim=True)
 
-    result = cascading_randomization(model, edge_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(5), layers=["7", "0"])
+    result = cascading_randomization(
+        model, edge_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(5), layers=["7", "0"]
+    )
     assert result.layers == ["7", "0"]
     torch.testing.assert_close(result.spearman, torch.ones(2, 2))
     torch.testing.assert_close(result.ssim, torch.ones(2, 2))
@@ -90,10 +97,16 @@ def test_a_model_independent_map_passes_unchanged():
 
 def block_classifier():
     torch.manual_seed(1)
-    return nn.Sequential(OrderedDict(
-        body=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)),
-        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), head=nn.Linear(4, 3),
-    )).eval()
+    return nn.Sequential(
+        OrderedDict(
+            body=nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+            ),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            head=nn.Linear(4, 3),
+        )
+    ).eval()
 
 
 class Wrapper(nn.Module):
@@ -127,8 +140,15 @@ def test_redrawing_a_block_redraws_its_whole_subtree_and_nothing_else():
         return images.mean(dim=1, keepdim=True)
 
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
-    result = cascading_randomization(model, recording_map, images, torch.tensor([0, 1]),
-                                     torch.Generator().manual_seed(7), layers=layer_blocks(model), randomization="redraw")
+    result = cascading_randomization(
+        model,
+        recording_map,
+        images,
+        torch.tensor([0, 1]),
+        torch.Generator().manual_seed(7),
+        layers=layer_blocks(model),
+        randomization="redraw",
+    )
     assert result.layers == ["net.head", "net.body"] and len(states) == 3
     intact, head_only, both = states
     parameters = {name for name, _ in model.named_parameters()}
@@ -182,6 +202,12 @@ def test_a_map_that_becomes_constant_counts_as_uncorrelated():
             maps[0] = 0.0
         return maps
 
-    result = cascading_randomization(model, explain_fn, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long),
-                                     torch.Generator().manual_seed(1), layers=["1"])
+    result = cascading_randomization(
+        model,
+        explain_fn,
+        torch.zeros(2, 4),
+        torch.zeros(2, dtype=torch.long),
+        torch.Generator().manual_seed(1),
+        layers=["1"],
+    )
     assert result.spearman[0].tolist() == [0.0, 1.0]

@@ -122,7 +122,9 @@ def test_two_fold_accuracy_by_hand():
     # fold 1 = pairs 0, 1 (0.9 genuine, 0.2 impostor); fold 2 = pairs 2, 3 (0.8 impostor, 0.3 genuine)
     # fold 1 held out: trained on fold 2, rejecting all is best (1/2, largest) -> fold 1 scores 1/2
     # fold 2 held out: trained on fold 1, threshold 0.55 (accuracy 1) -> fold 2 gets both wrong
-    result = ten_fold_accuracy(torch.tensor([0.9, 0.2, 0.8, 0.3]), torch.tensor([1, 0, 0, 1]), folds=2, thresholds="exact")
+    result = ten_fold_accuracy(
+        torch.tensor([0.9, 0.2, 0.8, 0.3]), torch.tensor([1, 0, 0, 1]), folds=2, thresholds="exact"
+    )
     assert result["accuracies"].tolist() == [0.5, 0.0]
     assert result["thresholds"].tolist() == pytest.approx([math.inf, 0.55])
     assert result["accuracy_mean"] == 0.25 and result["accuracy_std"] == 0.25
@@ -164,7 +166,14 @@ def test_verification_report_collects_every_number():
     labels = torch.tensor([1, 1, 0, 1, 0, 0])
     report = verification_report(scores, labels, folds=2, far=0.0)
     assert set(report) == {
-        "accuracy_mean", "accuracy_std", "eer", "eer_threshold", "tar_at_far", "kfold_val_at_far", "kfold_val_std", "kfold_far"
+        "accuracy_mean",
+        "accuracy_std",
+        "eer",
+        "eer_threshold",
+        "tar_at_far",
+        "kfold_val_at_far",
+        "kfold_val_std",
+        "kfold_far",
     }
     assert report["eer"] == pytest.approx(1 / 3) and report["eer_threshold"] == pytest.approx(0.65)
     assert report["tar_at_far"] == pytest.approx(2 / 3)

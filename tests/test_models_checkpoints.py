@@ -55,6 +55,8 @@ def test_strict_load_checks_everything_then_loads() -> None:
     assert all(torch.equal(target.state_dict()[key], value) for key, value in state.items())
     wrong_shape = r"s.pt does not match toy: 1 shape mismatch\(es\): 0.bias \(expected \(3,\), file has \(4,\)\)\. Hint"
     with pytest.raises(ValueError, match=wrong_shape):
-        load_state_dict_strictly(target, {**state, "0.bias": torch.zeros(4)}, source="s.pt", expected="toy", hint="Hint")
+        load_state_dict_strictly(
+            target, {**state, "0.bias": torch.zeros(4)}, source="s.pt", expected="toy", hint="Hint"
+        )
     with pytest.raises(ValueError, match="not tensors: 0.weight"):
         load_state_dict_strictly(target, {**state, "0.weight": [[0.0, 0.0]] * 3}, source="s.pt", expected="toy")

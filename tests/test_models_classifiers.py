@@ -134,7 +134,9 @@ def test_bad_names_and_paths() -> None:
     ],
 )
 def test_target_layers_of_torchvision_families(name: str, layer_of) -> None:
-    with torch.device("cpu" if name.startswith("regnet") else "meta"):  # meta: no weight init; RegNet needs real tensors
+    with torch.device(
+        "cpu" if name.startswith("regnet") else "meta"
+    ):  # meta: no weight init; RegNet needs real tensors
         model = build_classifier(name, None)
     assert target_layer(model) is layer_of(model.net)
     assert target_layer(model.net) is layer_of(model.net)

@@ -9,8 +9,7 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from fame.data.photos import DEFAULT_ANNOTATIONS, PhotoDataset, read_photo_annotations
-from fame.models import build_classifier, classifier_names
-from fame.models import efficientnet_lite
+from fame.models import build_classifier, classifier_names, efficientnet_lite
 from fame.models.efficientnet_lite import EFFICIENTNET_LITE, weights_file
 
 

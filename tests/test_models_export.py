@@ -19,7 +19,9 @@ def trained_looking(embedder):
     with torch.no_grad():
         for name, tensor in embedder.net.state_dict().items():
             if tensor.is_floating_point() and not name.endswith("features.weight"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + (0.5 if "running_var" in name else -0.2))
+                tensor.copy_(
+                    torch.rand(tensor.shape, generator=generator) * 0.5 + (0.5 if "running_var" in name else -0.2)
+                )
     return embedder.eval()
 
 

@@ -38,7 +38,9 @@ def randomized(net: nn.Module, seed: int) -> nn.Module:
             elif tensor.dim() > 1:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * (2.0 / tensor[0].numel()) ** 0.5)
             else:
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.4 + (0.8 if name.endswith("weight") else -0.2))
+                tensor.copy_(
+                    torch.rand(tensor.shape, generator=generator) * 0.4 + (0.8 if name.endswith("weight") else -0.2)
+                )
     return net.eval()
 
 
@@ -82,7 +84,9 @@ def test_iresnet_keys_follow_the_arcface_torch_layout(depth: int) -> None:
         state = iresnet(depth).state_dict()
     layers = IRESNET_LAYERS[depth]
     # stem conv1/bn1/prelu; per block bn1 conv1 bn2 prelu conv2 bn3; a downsample conv+BN per stage; bn2 fc features
-    assert len(state) == (1 + BN_KEYS + 1) + sum(layers) * (3 * BN_KEYS + 3) + 4 * (1 + BN_KEYS) + (BN_KEYS + 2 + BN_KEYS)
+    assert len(state) == (1 + BN_KEYS + 1) + sum(layers) * (3 * BN_KEYS + 3) + 4 * (1 + BN_KEYS) + (
+        BN_KEYS + 2 + BN_KEYS
+    )
     assert tuple(state["conv1.weight"].shape) == (64, 3, 3, 3)
     assert tuple(state["layer4.0.downsample.0.weight"].shape) == (512, 256, 1, 1)
     assert tuple(state[f"layer3.{layers[2] - 1}.conv2.weight"].shape) == (256, 256, 3, 3)
@@ -120,7 +124,9 @@ def test_arcface_torch_backbone_round_trip(tmp_path, iresnet18_net, faces, iresn
     model = build_face_model("iresnet18", path)
     assert isinstance(model, FaceEmbedder) and not model.training
     assert (model.channel_order, model.input_size, model.embedding_size) == ("RGB", (112, 112), 512)
-    assert torch.equal(model.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(model.std.flatten(), torch.full((3,), 0.5))
+    assert torch.equal(model.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(
+        model.std.flatten(), torch.full((3,), 0.5)
+    )
     for key, value in iresnet18_net.state_dict().items():
         assert torch.equal(model.net.state_dict()[key], value), key
     with torch.no_grad():

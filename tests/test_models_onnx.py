@@ -14,8 +14,9 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx2torch")
 
-from fame.models import IResNet, build_face_model, has_baked_normalization, load_onnx_backbone  # noqa: E402
 from test_models_face import randomized  # noqa: E402
+
+from fame.models import IResNet, build_face_model, has_baked_normalization, load_onnx_backbone  # noqa: E402
 
 
 class BakedNormalization(nn.Module):
@@ -89,7 +90,9 @@ def test_exported_graph_needs_outside_normalization(plain_onnx, baked_onnx) -> N
 def test_converted_model_matches_pytorch_and_onnxruntime(plain_onnx, images, reference) -> None:
     model = build_face_model("onnx", plain_onnx)
     assert (model.input_size, model.embedding_size, model.channel_order) == ((64, 64), 128, "RGB")
-    assert torch.equal(model.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(model.std.flatten(), torch.full((3,), 0.5))
+    assert torch.equal(model.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(
+        model.std.flatten(), torch.full((3,), 0.5)
+    )
     assert not model.training and not model.net.training
     with torch.no_grad():
         embeddings = model(images)

@@ -21,14 +21,21 @@ from fame.lightning.classifier import ImageClassifier
 from fame.lightning.monitor import ExplanationMonitor, rank_correlation
 
 FAME = {"iterations": 3, "blur_kernel": 7, "blur_sigma": 1.0}
-SCALARS = ("monitor/fame/relevance_mass/watermark", "monitor/fame/pointing_game/object",
-           "monitor/fame/deletion_auc", "monitor/gradcam/relevance_mass/watermark")
+SCALARS = (
+    "monitor/fame/relevance_mass/watermark",
+    "monitor/fame/pointing_game/object",
+    "monitor/fame/deletion_auc",
+    "monitor/gradcam/relevance_mass/watermark",
+)
 
 
 def shortcut_data() -> ClassificationDataModule:
-    return ClassificationDataModule(train=ShortcutShapesDataset(32, image_size=32, seed=1, strength=0.9),
-                                    val=ShortcutShapesDataset(8, image_size=32, seed=2, strength=0.0),
-                                    batch_size=16, seed=0)
+    return ClassificationDataModule(
+        train=ShortcutShapesDataset(32, image_size=32, seed=1, strength=0.9),
+        val=ShortcutShapesDataset(8, image_size=32, seed=2, strength=0.0),
+        batch_size=16,
+        seed=0,
+    )
 
 
 def classifier() -> ImageClassifier:
@@ -41,9 +48,18 @@ def monitor(**options) -> ExplanationMonitor:
 
 
 def trainer(root, callbacks, logger=None, **options) -> L.Trainer:
-    settings = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=root, callbacks=callbacks,
-                    logger=CSVLogger(root, name="csv") if logger is None else logger, enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        default_root_dir=root,
+        callbacks=callbacks,
+        logger=CSVLogger(root, name="csv") if logger is None else logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
     return L.Trainer(**{**settings, **options})
 
 
@@ -52,7 +68,10 @@ def test_fit_checks_every_epoch_but_not_the_sanity_pass_and_logs_csv_and_png(tmp
     run = trainer(tmp_path, [callback], num_sanity_val_steps=1)
     run.fit(classifier(), datamodule=shortcut_data())
     assert [(record["epoch"], record["step"]) for record in callback.history] == [(0, 2), (1, 4)]
-    assert sorted(p.name for p in (tmp_path / "csv" / "version_0" / "monitor").iterdir()) == ["epoch_000.png", "epoch_001.png"]
+    assert sorted(p.name for p in (tmp_path / "csv" / "version_0" / "monitor").iterdir()) == [
+        "epoch_000.png",
+        "epoch_001.png",
+    ]
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     for name in SCALARS + ("monitor/fame/stability", "monitor/seconds"):
         assert name in logged.columns, name
@@ -98,7 +117,9 @@ def test_validate_runs_under_inference_mode_and_leaves_the_model_as_found(tmp_pa
     assert (tmp_path / "csv" / "version_0" / "monitor" / "epoch_000.png").stat().st_size > 0
     assert all(torch.equal(before[key], value) for key, value in network.state_dict().items())
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in network.parameters())
-    assert [p.requires_grad for p in network.parameters()] == [not name.startswith("stages.0") for name, _ in network.named_parameters()]
+    assert [p.requires_grad for p in network.parameters()] == [
+        not name.startswith("stages.0") for name, _ in network.named_parameters()
+    ]
     assert all(not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks for m in network.modules())
     # a validate at the same step as the last check adds nothing
     run.validate(module, datamodule=shortcut_data(), verbose=False)
@@ -129,11 +150,15 @@ def test_random_states_are_restored():
 def test_resume_restores_the_history_and_the_stability_reference(tmp_path):
     uninterrupted = monitor()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
-    trainer(tmp_path, [uninterrupted, checkpoints], enable_checkpointing=True).fit(classifier(), datamodule=shortcut_data())
+    trainer(tmp_path, [uninterrupted, checkpoints], enable_checkpointing=True).fit(
+        classifier(), datamodule=shortcut_data()
+    )
     state = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)["callbacks"]
     assert [key for key in state if key.startswith("ExplanationMonitor")]
     resumed = monitor()
-    trainer(tmp_path, [resumed]).fit(classifier(), datamodule=shortcut_data(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    trainer(tmp_path, [resumed]).fit(
+        classifier(), datamodule=shortcut_data(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt")
+    )
     assert resumed.history[0] == uninterrupted.history[0]
     assert [record["epoch"] for record in resumed.history] == [0, 1]
     assert "monitor/fame/stability" in resumed.history[1]["metrics"]  # compared with the restored maps
@@ -170,7 +195,8 @@ def wandb_history(run_dir, wait_seconds=120.0):
         time.sleep(0.5)
     return [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        for record in records if record.WhichOneof("record_type") == "history"
+        for record in records
+        if record.WhichOneof("record_type") == "history"
     ]
 
 
@@ -200,20 +226,29 @@ def test_face_pairs_are_explained_through_the_embedder(tmp_path):
     faces = SyntheticFaces(num_identities=3, images_per_identity=2, size=64, seed=0)
     pairs = VerificationDataModule(SyntheticFacePairs(faces, num_pairs=6, seed=0), batch_size=6)
     L.seed_everything(0)
-    module = FaceRecognizer(backbone={"arch": "small", "input_size": 64}, head=None, num_classes=3, embedding_size=32,
-                            val_sets=["synthetic"], folds=2)
+    module = FaceRecognizer(
+        backbone={"arch": "small", "input_size": 64},
+        head=None,
+        num_classes=3,
+        embedding_size=32,
+        val_sets=["synthetic"],
+        folds=2,
+    )
     callback = monitor(num_probes=2, fame={"iterations": 3, "blur_kernel": 9, "blur_sigma": 1.5})
     trainer(tmp_path, [callback]).validate(module, datamodule=pairs, verbose=False)
     metrics = callback.history[0]["metrics"]
-    assert {"monitor/fame/similarity_drop", "monitor/fame/relevance_mass/identity",
-            "monitor/gradcam/pointing_game/identity"} <= set(metrics)
+    assert {
+        "monitor/fame/similarity_drop",
+        "monitor/fame/relevance_mass/identity",
+        "monitor/gradcam/pointing_game/identity",
+    } <= set(metrics)
     assert all(math.isfinite(value) for value in metrics.values())
     assert [sample_id for sample_id, _ in callback.history[0]["explained"]] == ["synpair-0-0-0", "synpair-0-0-5"]
 
 
 def test_rank_correlation():
     grid = np.arange(16, dtype=np.float32).reshape(4, 4)
-    assert rank_correlation(grid, grid ** 2) == pytest.approx(1.0)
+    assert rank_correlation(grid, grid**2) == pytest.approx(1.0)
     assert rank_correlation(grid, -grid) == pytest.approx(-1.0)
     assert math.isnan(rank_correlation(grid, np.zeros_like(grid)))
 

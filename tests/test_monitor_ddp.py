@@ -27,16 +27,30 @@ def validate_with_monitors(out: Path, **trainer_options) -> list:
     L.seed_everything(0)
     module = ImageClassifier(model={"_target_": "fame.models.SmallCNN", "num_classes": 4, "widths": [4, 8, 8, 8]})
     data = ClassificationDataModule(val=ShortcutShapesDataset(9, image_size=32, seed=2, strength=0.0), batch_size=4)
-    monitors = [ExplanationMonitor(num_probes=count, fame=FAME, dirpath=str(out / f"probes{count}")) for count in PROBE_COUNTS]
-    trainer = L.Trainer(callbacks=monitors, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, default_root_dir=out, **trainer_options)
+    monitors = [
+        ExplanationMonitor(num_probes=count, fame=FAME, dirpath=str(out / f"probes{count}")) for count in PROBE_COUNTS
+    ]
+    trainer = L.Trainer(
+        callbacks=monitors,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out,
+        **trainer_options,
+    )
     trainer.validate(module, datamodule=data, verbose=False)
     return [{"history": m.history, "maps": m.previous_maps} for m in monitors]
 
 
 def test_ddp_gathers_every_probe_once_with_the_single_process_maps(tmp_path):
-    launched = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600,
-                              cwd=Path(__file__).parent.parent)
+    launched = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent.parent,
+    )
     assert launched.returncode == 0, launched.stderr[-4000:]
     single = validate_with_monitors(tmp_path / "single", accelerator="cpu", devices=1)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
@@ -53,7 +67,9 @@ def test_ddp_gathers_every_probe_once_with_the_single_process_maps(tmp_path):
             for method, maps in alone["maps"].items():
                 assert set(gathered["maps"][method]) == set(maps)
                 for sample_id, expected in maps.items():
-                    torch.testing.assert_close(gathered["maps"][method][sample_id].float(), expected.float(), atol=2e-3, rtol=0)
+                    torch.testing.assert_close(
+                        gathered["maps"][method][sample_id].float(), expected.float(), atol=2e-3, rtol=0
+                    )
             metrics, reference = record["metrics"], alone["history"][0]["metrics"]
             assert set(metrics) == set(reference)
             for name in reference:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from literal_baselines import literal_causal_metric, literal_reinitialize, literal_rise_gkern
+from nets import TinyClassifier
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
@@ -20,11 +22,7 @@ from fame.metrics.faithfulness import (
     rise_kernel,
     rise_substrate_blur,
 )
-
 from fame.metrics.sanity import cascading_randomization, reinitialization_seed
-
-from literal_baselines import literal_causal_metric, literal_reinitialize, literal_rise_gkern
-from nets import TinyClassifier
 
 
 class NormalizingClassifier(nn.Module):
@@ -83,11 +81,16 @@ def test_rise_protocol_equals_literal_causal_metric(size):
             assert abs(float(aucs[b]) - auc) < 1e-6
     # the protocols differ: black vs the mean colour
     ours = deletion_curve(model, images, maps, targets, levels, "deletion")
-    assert (ours - deletion_curve(model, images, maps, targets, levels, "deletion", substrate="rise", mean=mean)).abs().max() > 1e-3
+    assert (
+        ours - deletion_curve(model, images, maps, targets, levels, "deletion", substrate="rise", mean=mean)
+    ).abs().max() > 1e-3
 
 
 def test_rise_blur_in_pixels_is_the_zero_padded_blur_of_the_normalized_image():
-    mean, std = torch.tensor([0.3, 0.5, 0.7]).view(1, 3, 1, 1).double(), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1).double()
+    mean, std = (
+        torch.tensor([0.3, 0.5, 0.7]).view(1, 3, 1, 1).double(),
+        torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1).double(),
+    )
     images = torch.rand(2, 3, 13, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     literal = torch.nn.functional.conv2d((images - mean) / std, literal_rise_gkern(11, 5, 3), padding=5) * std + mean
     torch.testing.assert_close(rise_substrate_blur(images, mean.flatten()), literal, rtol=0, atol=1e-12)
@@ -115,7 +118,9 @@ def block_model():
         body[1].running_var.uniform_(0.5, 2.0)
         body[1].num_batches_tracked.fill_(100)
         body[1].weight.uniform_(0.5, 1.5)
-    net = nn.Sequential(OrderedDict(body=body, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), head=nn.Linear(4, 3)))
+    net = nn.Sequential(
+        OrderedDict(body=body, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), head=nn.Linear(4, 3))
+    )
     return Wrapper(net).eval()
 
 
@@ -130,8 +135,14 @@ def test_reinit_cascade_equals_reset_parameters_under_the_drawn_seeds():
 
     global_state = torch.random.get_rng_state()
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    cascading_randomization(model, recording_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(7),
-                            layers=["net.head", "net.body"])
+    cascading_randomization(
+        model,
+        recording_map,
+        images,
+        torch.tensor([0, 1]),
+        torch.Generator().manual_seed(7),
+        layers=["net.head", "net.body"],
+    )
     assert torch.random.get_rng_state().equal(global_state)  # the caller's global random state is kept
     for name, value in model.state_dict().items():
         assert value.equal(before[name]), f"{name} of the caller's model changed"
@@ -165,17 +176,33 @@ def test_reinit_is_seeded_and_differs_from_redraw():
             states.append({name: value.clone() for name, value in network.state_dict().items()})
             return images.mean(dim=1, keepdim=True)
 
-        cascading_randomization(model, recording_map, images, torch.tensor([0, 1]), torch.Generator().manual_seed(seed),
-                                layers=["net.head", "net.body"], randomization=randomization)
+        cascading_randomization(
+            model,
+            recording_map,
+            images,
+            torch.tensor([0, 1]),
+            torch.Generator().manual_seed(seed),
+            layers=["net.head", "net.body"],
+            randomization=randomization,
+        )
         return states[-1]
 
     first, again, other_seed, redrawn = run("reinit", 5), run("reinit", 5), run("reinit", 6), run("redraw", 5)
     assert all(first[name].equal(again[name]) for name in first)
     assert not first["net.body.0.weight"].equal(other_seed["net.body.0.weight"])
     assert not first["net.body.0.weight"].equal(redrawn["net.body.0.weight"])
-    assert redrawn["net.body.1.running_var"].equal(model.state_dict()["net.body.1.running_var"])  # redraw keeps statistics
+    assert redrawn["net.body.1.running_var"].equal(
+        model.state_dict()["net.body.1.running_var"]
+    )  # redraw keeps statistics
     with pytest.raises(ValueError, match="randomization must be one of reinit, redraw, got 'shuffle'"):
-        cascading_randomization(model, lambda network, images, targets: images[:, :1], images, torch.tensor([0, 1]), torch.Generator(), randomization="shuffle")
+        cascading_randomization(
+            model,
+            lambda network, images, targets: images[:, :1],
+            images,
+            torch.tensor([0, 1]),
+            torch.Generator(),
+            randomization="shuffle",
+        )
 
 
 def test_explain_refuses_an_unknown_fggb_gradient_before_building(tmp_path):
@@ -186,7 +213,16 @@ def test_explain_refuses_an_unknown_fggb_gradient_before_building(tmp_path):
 
     configs = str(Path(__file__).resolve().parents[1] / "configs")
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
-        config = compose(config_name="explain", overrides=[f"paths.output_dir={tmp_path}", "experiment=faces",
-                                                           "checkpoint=null", "explainer.fggb.gradient_of=unit"])
-    with pytest.raises(ConfigError, match="'explainer.fggb.gradient_of' has the value 'unit'; allowed: one of 'normalized', 'raw'"):
+        config = compose(
+            config_name="explain",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                "experiment=faces",
+                "checkpoint=null",
+                "explainer.fggb.gradient_of=unit",
+            ],
+        )
+    with pytest.raises(
+        ConfigError, match="'explainer.fggb.gradient_of' has the value 'unit'; allowed: one of 'normalized', 'raw'"
+    ):
         check_explain_config(config)

@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from scipy.interpolate import BSpline
 from sklearn.model_selection import KFold
 
-from fame.data import SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.config import ConfigError
+from fame.data import SyntheticFacePairs, SyntheticFaces, VerificationDataModule
 from fame.lightning.face import FaceRecognizer, build_margin_head
 from fame.lightning.schedules import polynomial_decay
 from fame.metrics.verification import kfold_val_at_far, ten_fold_accuracy
@@ -48,7 +48,9 @@ def insightface_calculate_roc(thresholds, dist, actual_issame, nrof_folds=10):
             acc_train[threshold_idx] = insightface_accuracy(threshold, dist[train_set], actual_issame[train_set])
         best_threshold_index = np.argmax(acc_train)
         best_thresholds[fold_idx] = thresholds[best_threshold_index]
-        accuracy[fold_idx] = insightface_accuracy(thresholds[best_threshold_index], dist[test_set], actual_issame[test_set])
+        accuracy[fold_idx] = insightface_accuracy(
+            thresholds[best_threshold_index], dist[test_set], actual_issame[test_set]
+        )
     return accuracy, best_thresholds
 
 
@@ -123,7 +125,9 @@ def test_insightface_ten_fold_accuracy_equals_calculate_roc(num_pairs, folds, se
 @pytest.mark.parametrize("num_pairs, seed, far", [(120, 3, 0.0), (120, 3, 1e-3), (120, 3, 0.25), (41, 4, 0.1)])
 def test_kfold_val_at_far_equals_calculate_val(num_pairs, seed, far):
     scores, labels, dist, issame = pairs_with_ties_on_the_grid(num_pairs, seed, 0.001)
-    expected_val, expected_far, expected_thresholds = insightface_calculate_val(np.arange(0, 4, 0.001), dist, issame, far)
+    expected_val, expected_far, expected_thresholds = insightface_calculate_val(
+        np.arange(0, 4, 0.001), dist, issame, far
+    )
     result = kfold_val_at_far(scores, labels, far=far)
     assert result["thresholds"].numpy() == pytest.approx(expected_thresholds, abs=1e-12)
     assert result["vals"].tolist() == expected_val.tolist()
@@ -155,18 +159,31 @@ def test_face_recognizer_validates_with_the_chosen_threshold_protocol(thresholds
     pairs = SyntheticFacePairs(faces, num_pairs=30)
     torch.manual_seed(0)
     model = FaceRecognizer(
-        {"arch": "small", "input_size": 32, "widths": [8, 8, 8, 8]}, None, 3, 8, val_sets=["synth"], thresholds=thresholds
+        {"arch": "small", "input_size": 32, "widths": [8, 8, 8, 8]},
+        None,
+        3,
+        8,
+        val_sets=["synth"],
+        thresholds=thresholds,
     )
     loader = VerificationDataModule(pairs, batch_size=7)
-    run = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
+    run = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     run.validate(model, loader, verbose=False)
     model.eval()
     with torch.no_grad():
-        scores = torch.cat([
-            (model.embed_with_flip(batch["gallery"]) * model.embed_with_flip(batch["probe"])).sum(1)
-            for batch in loader.val_dataloader()
-        ])
+        scores = torch.cat(
+            [
+                (model.embed_with_flip(batch["gallery"]) * model.embed_with_flip(batch["probe"])).sum(1)
+                for batch in loader.val_dataloader()
+            ]
+        )
     labels = torch.tensor([bool(pairs[index]["same"]) for index in range(len(pairs))])
     folded = ten_fold_accuracy(scores, labels, thresholds=thresholds)
     validation = kfold_val_at_far(scores, labels, far=1e-3)
@@ -206,7 +223,9 @@ def test_adaface_equals_the_official_formulas_over_several_batches():
         head.weight.copy_(torch.randn(5, 6, generator=generator))
     state = {"mean": 20.0, "std": 100.0}
     for step in range(3):
-        embeddings = torch.randn(7, 6, generator=generator) * torch.tensor([0.0005, 1, 5, 20, 30, 150, 20.0]).unsqueeze(1)
+        embeddings = torch.randn(7, 6, generator=generator) * torch.tensor([0.0005, 1, 5, 20, 30, 150, 20.0]).unsqueeze(
+            1
+        )
         labels = torch.tensor([0, 1, 2, 3, 4, 0, 0])
         embeddings[6] = head.weight[0].detach() * 3  # on its label's centre: cosine clamped to 1 - 1e-3
         logits = head(embeddings, labels)
@@ -254,7 +273,9 @@ def test_arcface_options_equal_their_literal_definitions(fallback, straight_thro
                 for sign in (1, -1):
                     point = embeddings.detach()[row].double() + sign * shift
                     values.append(s * literal_arcface(float(point[0] / point.norm()), m, fallback))
-                assert embeddings.grad[row, axis].item() == pytest.approx((values[0] - values[1]) / (2 * step), abs=1e-2)
+                assert embeddings.grad[row, axis].item() == pytest.approx(
+                    (values[0] - values[1]) / (2 * step), abs=1e-2
+                )
 
 
 def test_fallback_needs_m1_one_and_heads_take_the_options_from_a_spec():
@@ -273,7 +294,13 @@ def compose_train(*overrides, experiment="ms1m"):
 def test_recipe_power_margins_and_thresholds_are_config_values():
     config = compose_train()
     assert config.module.scheduler.power == 2.0 and config.module.thresholds == "insightface"
-    assert dict(config.module.head) == {"name": "arcface", "scale": 64.0, "margin": 0.5, "fallback": False, "straight_through": False}
+    assert dict(config.module.head) == {
+        "name": "arcface",
+        "scale": 64.0,
+        "margin": 0.5,
+        "fallback": False,
+        "straight_through": False,
+    }
     assert compose_train("module/head=cosface").module.head.margin == 0.35
     assert compose_train("module/head=cosface", "module.head.margin=0.4").module.head.margin == 0.4
     adaface = compose_train("module/head=adaface").module.head
@@ -294,6 +321,10 @@ def test_recipe_power_margins_and_thresholds_are_config_values():
 def test_corrrise_and_fggb_cite_lu_xu_and_ebrahimi():
     for path, venue in (("fame/explain/corrrise.py", "WACV 2024"), ("fame/explain/fggb.py", "FG 2024")):
         assert f"(Lu, Xu & Ebrahimi, {venue})" in (ROOT / path).read_text().splitlines()[0]
-    sources = [path for folder in ("fame", "configs", "docs", "tests") for path in (ROOT / folder).rglob("*")
-               if path.suffix in (".py", ".yaml", ".md") and path.name != os.path.basename(__file__)]
+    sources = [
+        path
+        for folder in ("fame", "configs", "docs", "tests")
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".yaml", ".md") and path.name != os.path.basename(__file__)
+    ]
     assert sources and not [str(path) for path in sources if "Marcel" in path.read_text()]

@@ -1,6 +1,5 @@
 """Reports: bootstrap summaries, the paper-shaped tables, curve and sweep plots, the sweep folder reader."""
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,8 +34,15 @@ def scores(methods=("fame", "gradcam"), samples=40, seed=0):
                 for imputation in ("zero", "linear"):
                     slope = 0.05 if order == "morf" else 0.01
                     for level in LEVELS:
-                        rows.append((method, f"road_{order}_{imputation}_logit_drop", float(level),
-                                     slope * level + rng.normal(0, 0.1), sid))
+                        rows.append(
+                            (
+                                method,
+                                f"road_{order}_{imputation}_logit_drop",
+                                float(level),
+                                slope * level + rng.normal(0, 0.1),
+                                sid,
+                            )
+                        )
             for level in LEVELS:
                 rows.append((method, "deletion", level / 100, 1 - level / 100, sid))
             rows.append((method, "deletion_auc", np.nan, 0.5, sid))
@@ -81,15 +87,23 @@ def test_summary_covers_levels_scalars_and_derived_curve_areas():
 
 
 def test_curve_areas_are_the_normalized_trapezoid():
-    frame = pd.DataFrame({"method": "m", "metric": "c", "level": [0.0, 0.5, 1.0, 0.0, 0.5, 1.0],
-                          "value": [0.0, 1.0, 0.0, 1.0, 1.0, 1.0], "sample_id": ["a", "a", "a", "b", "b", "b"]})
+    frame = pd.DataFrame(
+        {
+            "method": "m",
+            "metric": "c",
+            "level": [0.0, 0.5, 1.0, 0.0, 0.5, 1.0],
+            "value": [0.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+            "sample_id": ["a", "a", "a", "b", "b", "b"],
+        }
+    )
     areas = curve_areas(frame).set_index("sample_id")["value"]
     assert areas["a"] == pytest.approx(0.5) and areas["b"] == pytest.approx(1.0)
 
 
 def test_summary_drops_non_finite_values_and_reads_empty_levels():
-    frame = pd.DataFrame({"method": "m", "metric": "x", "level": ["", "", ""], "value": [1.0, np.nan, 3.0],
-                          "sample_id": [1, 2, 3]})
+    frame = pd.DataFrame(
+        {"method": "m", "metric": "x", "level": ["", "", ""], "value": [1.0, np.nan, 3.0], "sample_id": [1, 2, 3]}
+    )
     summary = summarize(frame, resamples=50)
     assert summary["n"].tolist() == [2] and summary["mean"].tolist() == [2.0]
     with pytest.raises(ValueError, match="sample_id"):
@@ -105,26 +119,39 @@ def test_bootstrap_counts_draw_n_samples_per_resample():
 def test_summary_of_ten_thousand_samples_and_twenty_metrics_runs():
     rng = np.random.default_rng(0)
     samples, metrics = 10_000, 20
-    frame = pd.DataFrame({
-        "method": "fame",
-        "metric": np.repeat([f"metric_{k}" for k in range(metrics)], samples),
-        "level": np.nan,
-        "value": rng.normal(size=samples * metrics),
-        "sample_id": np.tile([f"s{i}" for i in range(samples)], metrics),
-    })
+    frame = pd.DataFrame(
+        {
+            "method": "fame",
+            "metric": np.repeat([f"metric_{k}" for k in range(metrics)], samples),
+            "level": np.nan,
+            "value": rng.normal(size=samples * metrics),
+            "sample_id": np.tile([f"s{i}" for i in range(samples)], metrics),
+        }
+    )
     summary = summarize(frame, resamples=1000)
     assert len(summary) == metrics and (summary["n"] == samples).all()
     assert ((summary["high"] - summary["low"]) < 0.06).all()  # ~ 2 * 1.96 / sqrt(10000)
 
 
 def test_tables_name_the_deletion_and_sanity_protocols():
-    rows = [("fame", metric, np.nan, value, f"s{i}") for i in range(4)
-            for metric, value in (("deletion_rise_auc", 0.2), ("insertion_rise_auc", 0.7), ("deletion_auc", 0.3),
-                                  ("sanity_spearman_auc", 0.1), ("sanity_redraw_ssim_auc", 0.4))]
+    rows = [
+        ("fame", metric, np.nan, value, f"s{i}")
+        for i in range(4)
+        for metric, value in (
+            ("deletion_rise_auc", 0.2),
+            ("insertion_rise_auc", 0.7),
+            ("deletion_auc", 0.3),
+            ("sanity_spearman_auc", 0.1),
+            ("sanity_redraw_ssim_auc", 0.4),
+        )
+    ]
     table = markdown_table(summarize(pd.DataFrame(rows, columns=list(SCORE_COLUMNS)), resamples=20))
     header = next(line for line in table.splitlines() if line.startswith("| method | Deletion"))
-    assert header.split(" | ")[1:] == ["Deletion AUC ×100 (FAME protocol)", "Deletion AUC ×100 (RISE protocol)",
-                                       "Insertion AUC ×100 (RISE protocol) |"]
+    assert header.split(" | ")[1:] == [
+        "Deletion AUC ×100 (FAME protocol)",
+        "Deletion AUC ×100 (RISE protocol)",
+        "Insertion AUC ×100 (RISE protocol) |",
+    ]
     assert "| fame | 30.0 [30.0, 30.0] | 20.0 [20.0, 20.0] | 70.0 [70.0, 70.0] |" in table
     assert "sanity Spearman, layers re-initialised (area over the cascade)" in table
     assert "sanity SSIM, layers redrawn from their own mean / std (area over the cascade)" in table
@@ -147,15 +174,24 @@ def test_markdown_table_is_shaped_like_the_paper_with_notes():
 
 
 def test_markdown_table_with_chosen_columns_and_verification_preset():
-    frame = pd.DataFrame({"method": ["fame", "corrrise"] * 2, "metric": ["verification_deletion_auc"] * 2
-                          + ["verification_insertion_auc"] * 2, "level": np.nan, "value": [20.0, 30.0, 80.0, 70.0],
-                          "sample_id": "pair-0"})
+    frame = pd.DataFrame(
+        {
+            "method": ["fame", "corrrise"] * 2,
+            "metric": ["verification_deletion_auc"] * 2 + ["verification_insertion_auc"] * 2,
+            "level": np.nan,
+            "value": [20.0, 30.0, 80.0, 70.0],
+            "sample_id": "pair-0",
+        }
+    )
     summary = summarize(frame, resamples=10)
     table = markdown_table(summary)
     assert "### Face verification (paper Tab. 2)" in table
     assert "| fame | 20.0 [20.0, 20.0] | 80.0 [80.0, 80.0] |" in table
-    chosen = markdown_table(summarize(scores(), resamples=50), [Column("drop @50%", "road_morf_zero_logit_drop", 50.0),
-                                                               ("deletion", 0.5), "iou_30"], methods=["gradcam"])
+    chosen = markdown_table(
+        summarize(scores(), resamples=50),
+        [Column("drop @50%", "road_morf_zero_logit_drop", 50.0), ("deletion", 0.5), "iou_30"],
+        methods=["gradcam"],
+    )
     assert chosen.splitlines()[0] == "| method | drop @50% | deletion@0.5 | iou_30 |"
     assert "| gradcam | " in chosen and "| fame |" not in chosen
 
@@ -174,10 +210,13 @@ def test_sweep_table_and_plot(tmp_path):
     table = sweep_table(frames, "fame.iterations", resamples=50)
     assert list(dict.fromkeys(table["fame.iterations"])) == [25, 50, 100]  # numeric order
     assert {"fame.iterations", "method", "metric", "level", "mean", "low", "high"} <= set(table.columns)
-    path = plot_sweep(table, "fame.iterations", tmp_path / "sweep.png", metrics=["iou_30", "road_morf_zero_logit_drop_auc"])
+    path = plot_sweep(
+        table, "fame.iterations", tmp_path / "sweep.png", metrics=["iou_30", "road_morf_zero_logit_drop_auc"]
+    )
     assert path.is_file()
-    labelled = sweep_table({"explainer.iterations=50": scores(seed=1), "explainer.iterations=5": scores(seed=0)},
-                           "setting", resamples=20)
+    labelled = sweep_table(
+        {"explainer.iterations=50": scores(seed=1), "explainer.iterations=5": scores(seed=0)}, "setting", resamples=20
+    )
     assert list(dict.fromkeys(labelled["setting"])) == ["explainer.iterations=5", "explainer.iterations=50"]
     assert plot_sweep(labelled, "setting", tmp_path / "labelled.png", metrics=["iou_30"]).is_file()
     with pytest.raises(ValueError, match="no scalar metric"):
@@ -195,13 +234,25 @@ def _job(sweep, name, overrides):
 def test_a_sweep_folder_is_read_as_data_in_job_order(tmp_path):
     sweep = tmp_path / "multirun"
     for number in (10, 2, 0):  # numbered as Hydra numbers jobs, read numerically
-        _job(sweep, str(number), ["explainer=[fame]", f"explainer.fame.iterations={5 * number}",
-                                  "explainer.fame.step_size=0.5", "note=${oc.env:HOME}"])
+        _job(
+            sweep,
+            str(number),
+            [
+                "explainer=[fame]",
+                f"explainer.fame.iterations={5 * number}",
+                "explainer.fame.step_size=0.5",
+                "note=${oc.env:HOME}",
+            ],
+        )
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     entries = read_sweep(sweep)
     assert [entry["store"] for entry in entries] == [str(sweep / n / "maps.zarr") for n in ("0", "2", "10")]
-    assert entries[1]["overrides"] == {"explainer": "[fame]", "explainer.fame.iterations": 10,  # numbers again
-                                       "explainer.fame.step_size": 0.5, "note": "${oc.env:HOME}"}  # never resolved
+    assert entries[1]["overrides"] == {
+        "explainer": "[fame]",
+        "explainer.fame.iterations": 10,  # numbers again
+        "explainer.fame.step_size": 0.5,
+        "note": "${oc.env:HOME}",
+    }  # never resolved
 
 
 def test_a_sweep_folder_that_is_not_plain_data_is_refused(tmp_path):

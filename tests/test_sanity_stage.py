@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from literal_baselines import literal_reinitialize
 from omegaconf import OmegaConf
 from PIL import Image
 from scipy.stats import spearmanr
@@ -15,12 +16,10 @@ from fame.config import ConfigError
 from fame.explain.registry import get_method
 from fame.metrics.sanity import randomize_parameters_
 from fame.models import Classifier, SmallCNN
+from fame.pipeline import sanity_records
 from fame.report import plot_sanity
 from fame.stages.evaluate import complete_entries
-from fame.pipeline import sanity_records
 from fame.store import MapStore
-
-from literal_baselines import literal_reinitialize
 
 SIZE, COUNT = 16, 5
 FULLGRAD = {"name": "fullgrad"}  # gradient-based; Grad-CAM maps of an untrained net are often all zero
@@ -42,8 +41,9 @@ def tiny_model():
 
 def tiny_dataset():
     generator = torch.Generator().manual_seed(1)
-    return [{"image": torch.rand(3, SIZE, SIZE, generator=generator), "label": k % 3, "id": f"s{k}"}
-            for k in range(COUNT)]
+    return [
+        {"image": torch.rand(3, SIZE, SIZE, generator=generator), "label": k % 3, "id": f"s{k}"} for k in range(COUNT)
+    ]
 
 
 def tiny_store(path, dataset, methods, task="classification", target="label", input_space="pixels"):
@@ -57,8 +57,9 @@ def tiny_store(path, dataset, methods, task="classification", target="label", in
 
 
 def sanity_config(samples=3, layers=None, randomization="reinit"):
-    return OmegaConf.create({"seed": 7, "batch_size": 2,
-                             "sanity": {"samples": samples, "layers": layers, "randomization": randomization}})
+    return OmegaConf.create(
+        {"seed": 7, "batch_size": 2, "sanity": {"samples": samples, "layers": layers, "randomization": randomization}}
+    )
 
 
 def run(store, model, dataset, config):
@@ -66,10 +67,13 @@ def run(store, model, dataset, config):
     return sanity_records(config, model, store, entries, dataset, rows, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("target, input_space, names, randomization", [
-    ("label", "pixels", ["net.classifier", "net.stages"], "reinit"),
-    ("prediction", "normalized", ["classifier", "stages"], "redraw"),
-])
+@pytest.mark.parametrize(
+    "target, input_space, names, randomization",
+    [
+        ("label", "pixels", ["net.classifier", "net.stages"], "reinit"),
+        ("prediction", "normalized", ["classifier", "stages"], "redraw"),
+    ],
+)
 def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target, input_space, names, randomization):
     model, dataset = tiny_model(), tiny_dataset()
     before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -79,8 +83,11 @@ def test_rows_match_a_direct_randomization_and_leave_the_model(tmp_path, target,
     frame = pd.DataFrame.from_records(records)
     assert list(frame.columns) == ["method", "metric", "level", "value", "sample_id"]
     assert len(frame) == 2 * 2 * 2 * 3  # methods x metrics x steps x samples
-    spearman, ssim = ("sanity_spearman", "sanity_ssim") if randomization == "reinit" else \
-        ("sanity_redraw_spearman", "sanity_redraw_ssim")
+    spearman, ssim = (
+        ("sanity_spearman", "sanity_ssim")
+        if randomization == "reinit"
+        else ("sanity_redraw_spearman", "sanity_redraw_ssim")
+    )
     assert set(frame["metric"]) == {spearman, ssim} and set(frame["level"]) == {1.0, 2.0}
     assert set(frame["sample_id"]) == {"s0", "s1", "s2"}
 
@@ -157,5 +164,7 @@ def test_config_errors(tmp_path):
         run(store, model, dataset, sanity_config(samples=0))
     with pytest.raises(ConfigError, match="sanity.layers"):
         run(store, model, dataset, sanity_config(layers="net.classifier"))
-    with pytest.raises(ConfigError, match="'sanity.randomization' has the value 'shuffle'; allowed: one of 'reinit', 'redraw'"):
+    with pytest.raises(
+        ConfigError, match="'sanity.randomization' has the value 'shuffle'; allowed: one of 'reinit', 'redraw'"
+    ):
         run(store, model, dataset, sanity_config(randomization="shuffle"))

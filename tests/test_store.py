@@ -7,10 +7,10 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
+from store_worker import create_and_write
 
 from fame.provenance import checkpoint_digest, environment
 from fame.store import MapStore, StoreMismatch
-from store_worker import create_and_write
 
 FAME = {"explainer": {"iterations": 50, "epsilon": None}, "checkpoint": {"sha256": "aa11"}, "version": "0.1.0"}
 
@@ -20,8 +20,13 @@ def test_rows_ids_float16_maps_and_stats(tmp_path):
     assert store.begin_method("fame", FAME, provenance={"checkpoint": "/ckpt/a.ckpt"}) == "fame"
     assert store.missing_rows("fame").tolist() == [0, 1, 2, 3, 4] and store.ids == []
     maps = torch.rand(2, 1, 4, 3)
-    store.write("fame", [3, 0], ["s3", "s0"], maps,
-                stats={"iterations": torch.tensor([7, 0]), "initial_loss": [1.5, -0.2], "final_loss": np.array([0.1, -0.2])})
+    store.write(
+        "fame",
+        [3, 0],
+        ["s3", "s0"],
+        maps,
+        stats={"iterations": torch.tensor([7, 0]), "initial_loss": [1.5, -0.2], "final_loss": np.array([0.1, -0.2])},
+    )
     reopened = MapStore(tmp_path / "maps.zarr")
     assert reopened.ids == ["s0", "s3"] and reopened.rows(["s3"]).tolist() == [3]
     assert reopened.missing_rows("fame").tolist() == [1, 2, 4]
@@ -58,8 +63,11 @@ def test_mismatched_settings_name_every_key_and_new_group_keeps_both(tmp_path):
     store = MapStore.create_or_open(tmp_path / "maps.zarr", 4, (2, 2))
     store.begin_method("fame", FAME)
     store.write("fame", [0], ["a"], np.zeros((1, 2, 2)))  # the settings bind once a map is written
-    other = {"explainer": {"iterations": 100, "epsilon": None, "blur_kernel": 5}, "checkpoint": {"sha256": "bb22"},
-             "version": "0.1.0"}
+    other = {
+        "explainer": {"iterations": 100, "epsilon": None, "blur_kernel": 5},
+        "checkpoint": {"sha256": "bb22"},
+        "version": "0.1.0",
+    }
     with pytest.raises(StoreMismatch) as refused:
         store.begin_method("fame", other)
     message = str(refused.value)
@@ -68,7 +76,11 @@ def test_mismatched_settings_name_every_key_and_new_group_keeps_both(tmp_path):
     assert "explainer.blur_kernel: stored (absent), requested 5" in message
     assert "version" not in message.split("\n", 1)[1].split("These maps")[0]
     assert "another store path" in message and "new_group=True" in message and "'fame@2'" in message
-    assert [key for key, _, _ in refused.value.differences] == ["checkpoint.sha256", "explainer.blur_kernel", "explainer.iterations"]
+    assert [key for key, _, _ in refused.value.differences] == [
+        "checkpoint.sha256",
+        "explainer.blur_kernel",
+        "explainer.iterations",
+    ]
     assert store.begin_method("fame", other, new_group=True) == "fame@2"
     assert store.begin_method("fame", other, new_group=True) == "fame@2"  # resumes the group with these settings
     assert store.begin_method("fame", FAME, new_group=True) == "fame"
@@ -122,8 +134,9 @@ def test_half_created_store_is_rebuilt_and_legacy_store_refused(tmp_path):
     assert store.begin_method("gradcam", {}) == "gradcam" and store.methods == ["gradcam"]
     legacy = tmp_path / "legacy.zarr"
     legacy.mkdir()
-    (legacy / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                  "attributes": {"ids": ["a"], "height": 2, "width": 2}}))
+    (legacy / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"ids": ["a"], "height": 2, "width": 2}})
+    )
     with pytest.raises(ValueError, match="older fame version"):
         MapStore.create_or_open(legacy, 1, (2, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half.zarr", "legacy.zarr", "truncated.zarr"]

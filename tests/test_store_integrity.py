@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import store_worker
 import zarr
 from hydra import compose, initialize_config_dir
 
 import fame.store
-import store_worker
 from fame.config import ConfigError
 from fame.lightning import EmptyMapWarning
 from fame.stages import explain
@@ -27,7 +27,7 @@ SIZE = (6, 5)
 
 def synthetic(row: int) -> np.ndarray:
     """A smooth map keyed by its row: a Gaussian blob whose centre moves with the row."""
-    y, x = np.mgrid[0:SIZE[0], 0:SIZE[1]]
+    y, x = np.mgrid[0 : SIZE[0], 0 : SIZE[1]]
     return np.exp(-((y - row % SIZE[0]) ** 2 + (x - row % SIZE[1]) ** 2) / 4.0).astype(np.float32)
 
 
@@ -36,9 +36,14 @@ def write_rows(path, rows, batch_size=4, delay=0.0):
     store = MapStore.create_or_open(path, 40, SIZE)
     name = store.begin_method("fame", {"iterations": 3})
     for start in range(0, len(rows), batch_size):
-        part = list(rows[start:start + batch_size])
-        store.write(name, part, [f"id-{row}" for row in part], np.stack([synthetic(row) for row in part]),
-                    stats={"iterations": [row % 3 for row in part], "final_loss": [row / 10 for row in part]})
+        part = list(rows[start : start + batch_size])
+        store.write(
+            name,
+            part,
+            [f"id-{row}" for row in part],
+            np.stack([synthetic(row) for row in part]),
+            stats={"iterations": [row % 3 for row in part], "final_loss": [row / 10 for row in part]},
+        )
         time.sleep(delay)
     store.close()
 
@@ -65,7 +70,9 @@ def test_batched_reads_equal_one_at_a_time_reads_and_writers_do_not_matter(tmp_p
     batched = two.read("fame", ids)
     single = np.concatenate([MapStore(tmp_path / "two.zarr").read("fame", [sample_id]) for sample_id in ids])
     np.testing.assert_array_equal(batched, single)
-    np.testing.assert_array_equal(batched, np.stack([synthetic(row) for row in (17, 3, 39, 0, 22, 3)]).astype(np.float16))
+    np.testing.assert_array_equal(
+        batched, np.stack([synthetic(row) for row in (17, 3, 39, 0, 22, 3)]).astype(np.float16)
+    )
     files = sorted(path.suffix for path in (tmp_path / "two.zarr" / "fame").iterdir())
     assert files == [".index", ".index", ".json", ".maps", ".maps"]  # per writer one index and one segment
 
@@ -75,7 +82,9 @@ def test_a_writer_starts_a_new_segment_every_segment_maps(tmp_path, monkeypatch)
     write_rows(tmp_path / "maps.zarr", list(range(40)), batch_size=4)
     files = [path.suffix for path in (tmp_path / "maps.zarr" / "fame").iterdir()]
     assert files.count(".maps") == 5 and files.count(".index") == 1
-    np.testing.assert_array_equal(MapStore(tmp_path / "maps.zarr").read("fame", ["id-39"]), synthetic(39)[None].astype(np.float16))
+    np.testing.assert_array_equal(
+        MapStore(tmp_path / "maps.zarr").read("fame", ["id-39"]), synthetic(39)[None].astype(np.float16)
+    )
 
 
 def test_kill_9_mid_write_loses_only_batches_in_flight_and_the_rest_resumes(tmp_path):
@@ -92,8 +101,10 @@ def test_kill_9_mid_write_loses_only_batches_in_flight_and_the_rest_resumes(tmp_
     missing = store.missing_rows("fame")
     assert 0 < len(missing) < 40
     written = np.flatnonzero(store.completed("fame"))
-    np.testing.assert_array_equal(store.read("fame", [f"id-{row}" for row in written]),
-                                  np.stack([synthetic(row) for row in written]).astype(np.float16))
+    np.testing.assert_array_equal(
+        store.read("fame", [f"id-{row}" for row in written]),
+        np.stack([synthetic(row) for row in written]).astype(np.float16),
+    )
     write_rows(path, missing.tolist())  # the resumed run writes exactly the missing rows
     write_rows(tmp_path / "reference.zarr", list(range(40)))
     resumed, reference = MapStore(path), MapStore(tmp_path / "reference.zarr")
@@ -119,14 +130,18 @@ def test_a_damaged_index_line_is_reported_and_its_rows_read_as_missing(tmp_path)
     data = bytearray(index.read_bytes())
     data[20] ^= 0x01  # inside the first line's JSON
     index.write_bytes(bytes(data))
-    with pytest.warns(fame.store.DamagedIndexWarning, match="line 1 after byte 0 fails its checksum or is not an index record"):
+    with pytest.warns(
+        fame.store.DamagedIndexWarning, match="line 1 after byte 0 fails its checksum or is not an index record"
+    ):
         store = MapStore(path)
         assert store.missing_rows("fame").tolist() == [0, 1, 2, 3, *range(8, 40)]
     np.testing.assert_array_equal(store.read("fame", ["id-5"]), synthetic(5)[None].astype(np.float16))
 
 
-@pytest.mark.parametrize("change", [{"segment": "../../../etc/passwd"}, {"rows": [-1]}, {"rows": [40]},
-                                    {"offsets": ["0"]}, {"stats": [[1, 2]]}])
+@pytest.mark.parametrize(
+    "change",
+    [{"segment": "../../../etc/passwd"}, {"rows": [-1]}, {"rows": [40]}, {"offsets": ["0"]}, {"stats": [[1, 2]]}],
+)
 def test_an_index_record_with_a_valid_checksum_is_still_checked(tmp_path, change):
     """Index files are data: a record naming a file outside the entry or rows outside the store is not used."""
     path = tmp_path / "maps.zarr"
@@ -140,9 +155,19 @@ def test_an_index_record_with_a_valid_checksum_is_still_checked(tmp_path, change
 
 def stage_config(output, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="explain", overrides=[
-            f"paths.output_dir={output}", "experiment=shapes", "checkpoint=null", "limit=6", "batch_size=4",
-            "trainer.enable_progress_bar=false", f"store={output}/maps.zarr", *overrides])
+        return compose(
+            config_name="explain",
+            overrides=[
+                f"paths.output_dir={output}",
+                "experiment=shapes",
+                "checkpoint=null",
+                "limit=6",
+                "batch_size=4",
+                "trainer.enable_progress_bar=false",
+                f"store={output}/maps.zarr",
+                *overrides,
+            ],
+        )
 
 
 def delete(segment: Path) -> None:
@@ -185,7 +210,9 @@ def test_a_damaged_segment_is_named_on_read_and_recomputed_by_explain(tmp_path, 
 def test_settings_bind_once_a_map_is_written(tmp_path):
     store = MapStore.create_or_open(tmp_path / "maps.zarr", 4, SIZE)
     assert store.begin_method("gradcam", {"layer": "nope"}, provenance={"run": 1}) == "gradcam"
-    assert store.begin_method("gradcam", {"layer": None}, provenance={"run": 2}) == "gradcam"  # nothing written: replaced
+    assert (
+        store.begin_method("gradcam", {"layer": None}, provenance={"run": 2}) == "gradcam"
+    )  # nothing written: replaced
     assert store.method_settings("gradcam") == {"layer": None} and store.method_provenance("gradcam") == {"run": 2}
     store.write("gradcam", [0], ["a"], synthetic(0)[None])
     with pytest.raises(fame.store.StoreMismatch, match="layer: stored None, requested 'nope'"):
@@ -203,7 +230,9 @@ def test_a_run_that_failed_in_a_method_does_not_block_the_corrected_rerun(tmp_pa
 def test_explain_py_is_refused_while_another_run_holds_the_store(tmp_path):
     store = explain(stage_config(tmp_path, "explainer=[random]"))
     with store.claim():
-        with pytest.raises(ConfigError, match=rf"being written by another explain run \(pid {os.getpid()} on .*\); wait"):
+        with pytest.raises(
+            ConfigError, match=rf"being written by another explain run \(pid {os.getpid()} on .*\); wait"
+        ):
             explain(stage_config(tmp_path, "explainer=[random]"))
     assert explain(stage_config(tmp_path, "explainer=[random]")).missing_rows("random").size == 0
 
@@ -212,9 +241,24 @@ def test_a_second_run_is_refused_while_the_first_writes_and_a_killed_run_leaves_
     """Two runs as explain.py makes them (tests/store_worker.py): the second is refused in one line
     while the first writes; after a kill -9 of the first, the rerun computes exactly the missing rows."""
     path, trace = tmp_path / "maps.zarr", tmp_path / "trace"
-    first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "store_worker.py"), str(path), "--samples", "15",
-                              "--batch-size", "2", "--delay", "0.3", "--trace", str(trace)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "store_worker.py"),
+            str(path),
+            "--samples",
+            "15",
+            "--batch-size",
+            "2",
+            "--delay",
+            "0.3",
+            "--trace",
+            str(trace),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not ((path / "random").exists() and MapStore(path).completed("random").any()):
@@ -242,11 +286,22 @@ def test_a_second_run_is_refused_while_the_first_writes_and_a_killed_run_leaves_
 def legacy_store(path: Path, maps: np.ndarray, ids, done) -> None:
     """A store of format 1 as fame wrote it: zarr arrays with one chunk per row."""
     count, height, width = maps.shape
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={
-        "fame_map_store": 1, "num_samples": count, "height": height, "width": width, "meta": {"split": "val"}})
+    root = zarr.open_group(
+        str(path),
+        mode="w-",
+        zarr_format=3,
+        attributes={
+            "fame_map_store": 1,
+            "num_samples": count,
+            "height": height,
+            "width": width,
+            "meta": {"split": "val"},
+        },
+    )
     root.create_array("ids", shape=(count,), chunks=(1,), dtype=str, fill_value="")[:] = np.array(ids)
-    method = root.create_group("fame", attributes={"settings": {"iterations": 3}, "outputs": [""],
-                                                   "provenance": {"checkpoint": "a.ckpt"}})
+    method = root.create_group(
+        "fame", attributes={"settings": {"iterations": 3}, "outputs": [""], "provenance": {"checkpoint": "a.ckpt"}}
+    )
     method.create_array("maps", shape=maps.shape, chunks=(1, height, width), dtype="float16", fill_value=0)[:] = maps
     stats = method.create_array("stats", shape=(count, 3), chunks=(1, 3), dtype="float32", fill_value=float("nan"))
     stats[:] = np.arange(count * 3, dtype=np.float32).reshape(count, 3)
@@ -261,9 +316,14 @@ def test_a_store_of_format_1_names_the_conversion_command_which_works(tmp_path, 
         MapStore(tmp_path / "old.zarr")
     with pytest.raises(LegacyStore):
         MapStore.create_or_open(tmp_path / "old.zarr", 5, (6, 5))  # never rebuilt over
-    converted = subprocess.run([sys.executable, "-m", "fame.store", "convert", str(tmp_path / "old.zarr"),
-                                str(tmp_path / "new.zarr")], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    converted = subprocess.run(
+        [sys.executable, "-m", "fame.store", "convert", str(tmp_path / "old.zarr"), str(tmp_path / "new.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
     assert converted.returncode == 0, converted.stderr
     store = MapStore(tmp_path / "new.zarr")
     assert store.meta == {"split": "val"} and store.method_settings("fame") == {"iterations": 3}

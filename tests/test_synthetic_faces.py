@@ -72,7 +72,9 @@ def test_part_masks_are_non_empty_inside_the_face_and_in_facial_order(size):
             assert rows["brows"] < rows["eyes"] < rows["nose"] < rows["mouth"]
             # the parts are drawn in their own colours, not in the skin tone around them
             around = cv2.dilate(rendering.identity_mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
-            ring = around & ~cv2.dilate(rendering.identity_mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            ring = around & ~cv2.dilate(rendering.identity_mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(
+                bool
+            )
             mouth_colour = rendering.image[rendering.parts["mouth"]].mean(0)
             assert np.abs(mouth_colour - rendering.image[ring].mean(0)).max() > 0.03
             assert np.array_equal(faces[label * 3 + image]["mask"][0].numpy() > 0, rendering.identity_mask)
@@ -103,7 +105,11 @@ def test_occluders_cover_the_eyes_or_the_mouth_and_leave_the_face_underneath_alo
 def test_random_occlusion_mixes_none_glasses_and_scarf():
     faces = SyntheticFaces(num_identities=10, images_per_identity=6, size=48, occlusion="random")
     kinds = [faces.occluder_of(label, image) for label in range(10) for image in range(6)]
-    assert {kind: kinds.count(kind) > 5 for kind in (None, "glasses", "scarf")} == {None: True, "glasses": True, "scarf": True}
+    assert {kind: kinds.count(kind) > 5 for kind in (None, "glasses", "scarf")} == {
+        None: True,
+        "glasses": True,
+        "scarf": True,
+    }
     none_index = kinds.index(None)
     assert faces[none_index]["occluder_mask"].sum() == 0
     assert faces[kinds.index("glasses")]["occluder_mask"].sum() > 0
@@ -137,8 +143,14 @@ def _tiny_cnn(classes: int) -> nn.Module:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(
-        *block(3, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+        *block(3, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, classes),
     )
 
 

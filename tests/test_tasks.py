@@ -53,8 +53,9 @@ def counting(monkeypatch):
 def test_a_third_task_is_one_subclass_and_runs_through_the_method_calling_path(counting):
     assert task_of("counting") is counting and "counting" in tasks.task_names()
     assert counting.method_names() == ["brightness"]
-    method = counting.build_method({"_target_": "fame.tasks.explainer", "name": "brightness", "gain": 2.0},
-                                   "explainer.brightness")
+    method = counting.build_method(
+        {"_target_": "fame.tasks.explainer", "name": "brightness", "gain": 2.0}, "explainer.brightness"
+    )
     batch = {"image": torch.full((2, 3, 4, 4), 0.25), "count": [1, 0], "id": ["a", "b"]}
     result = counting.batch_method(method, "label", "pixels")(None, batch)
     torch.testing.assert_close(result.maps[""][:, 0, 0, 0], torch.tensor([0.5, 0.0]))
@@ -67,11 +68,18 @@ def test_task_of_names_the_known_tasks_and_samples_name_their_expected_keys():
     assert [task_of(name).name for name in TASK_NAMES] == list(TASK_NAMES)
     with pytest.raises(ConfigError, match="unknown task 'detection'; known: classification, verification"):
         task_of("detection")
-    with pytest.raises(KeyError, match=r"sample 7 has keys \['id', 'x'\]; expected image and label \(classification\) "
-                                       r"or gallery, probe and same \(verification\)"):
+    with pytest.raises(
+        KeyError,
+        match=r"sample 7 has keys \['id', 'x'\]; expected image and label \(classification\) "
+        r"or gallery, probe and same \(verification\)",
+    ):
         sample_task({"x": 1, "id": 7}, "sample 7")
     assert sample_task({"gallery": 0, "probe": 0, "same": True}, "pair").outputs == (
-        "probe.similar", "probe.dissimilar", "gallery.similar", "gallery.dissimilar")
+        "probe.similar",
+        "probe.dissimilar",
+        "gallery.similar",
+        "gallery.dissimilar",
+    )
 
 
 def test_the_explainer_target_binds_options_and_refuses_unknown_ones_word_for_word():
@@ -80,8 +88,11 @@ def test_the_explainer_target_binds_options_and_refuses_unknown_ones_word_for_wo
     bound = explainer("random", "classification", seed=3)
     direct = task_of("classification").method("random")(model, images, [0, 1], ids=["a", "b"], seed=3)
     torch.testing.assert_close(bound(model, images, [0, 1], ids=["a", "b"]).maps[""], direct.maps[""])
-    with pytest.raises(ValueError, match=r"rise \(classification\) has no option 'mask'; its options are masks, "
-                                         r"grid_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"rise \(classification\) has no option 'mask'; its options are masks, "
+        r"grid_size",
+    ):
         explainer("rise", "classification", mask=3)
     with pytest.raises(ValueError, match="unknown verification method 'rise'; known verification methods: centre"):
         explainer("rise", "verification")
@@ -136,7 +147,12 @@ STAGES = ("evaluate", "explain", "featuremap", "train")
 def test_no_stage_imports_another():
     for stage in STAGES:
         tree = ast.parse((PACKAGE / "stages" / f"{stage}.py").read_text())
-        imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
-        imported |= {f"{node.module}" for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fame.stages.")}
+        imported = {
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+        }
+        imported |= {
+            f"{node.module}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fame.stages.")
+        }
         assert not {name.split(".")[-1] for name in imported} & set(STAGES), stage

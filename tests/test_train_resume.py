@@ -29,19 +29,38 @@ SHAPES_STEPS_PER_EPOCH = 8
 #: Checkpoints every 3 steps instead of every epoch: callbacks are not part of the run folder's
 #: digest, so a run started with them continues the same run.
 MID_EPOCH = ("callbacks.resume.every_n_train_steps=3", "callbacks.resume.every_n_epochs=null")
-FACES = ("experiment=faces", "module/head=adaface", "limit=64", "data.image_size=32", "data.datamodule.training.batch_size=16",
-         "data.datamodule.verification.synthetic.limit=24", "module.folds=2", "module.embedding_size=32",
-         "trainer.max_epochs=2", "callbacks.monitor.num_probes=2", "callbacks.monitor.fame.iterations=2",
-         "callbacks.monitor.baseline=null", "callbacks.monitor.log_images=false")
+FACES = (
+    "experiment=faces",
+    "module/head=adaface",
+    "limit=64",
+    "data.image_size=32",
+    "data.datamodule.training.batch_size=16",
+    "data.datamodule.verification.synthetic.limit=24",
+    "module.folds=2",
+    "module.embedding_size=32",
+    "trainer.max_epochs=2",
+    "callbacks.monitor.num_probes=2",
+    "callbacks.monitor.fame.iterations=2",
+    "callbacks.monitor.baseline=null",
+    "callbacks.monitor.log_images=false",
+)
 
 
 def start(output: Path, *overrides: str) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "train.py"), f"paths.output_dir={output}", f"paths.experiment_dir={output}", "logger.enabled=false",
-               "trainer.enable_progress_bar=false", *overrides]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"paths.output_dir={output}",
+        f"paths.experiment_dir={output}",
+        "logger.enabled=false",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
     # One intra-op thread: two OpenMP threads per process stall each other on a shared machine.
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the job with any DDP ranks it starts
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: the job with any DDP ranks it starts
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -102,8 +121,11 @@ def assert_same_run(expected, actual):
 def shapes_reference(tmp_path_factory):
     """An uninterrupted run; a second one and one loading with two worker processes alongside it."""
     outputs = [tmp_path_factory.mktemp(name) for name in ("uninterrupted", "again", "workers")]
-    processes = [start(outputs[0], *SHAPES), start(outputs[1], *SHAPES),
-                 start(outputs[2], *SHAPES, "data.datamodule.num_workers=2")]
+    processes = [
+        start(outputs[0], *SHAPES),
+        start(outputs[1], *SHAPES),
+        start(outputs[2], *SHAPES, "data.datamodule.num_workers=2"),
+    ]
     for process in processes:
         finish(process)
     return [final(output) for output in outputs]
@@ -128,7 +150,9 @@ def test_killed_in_the_second_epoch_and_again_mid_epoch_ends_as_the_uninterrupte
 
     resumed_from = kill_once_written(start(tmp_path, *SHAPES, *MID_EPOCH), tmp_path, "epoch=1-step=12.ckpt")
     assert resumed_from["global_step"] in (9, 12)
-    assert loader_position(resumed_from) == [{"epoch": 1, "batches": resumed_from["global_step"] - SHAPES_STEPS_PER_EPOCH}]
+    assert loader_position(resumed_from) == [
+        {"epoch": 1, "batches": resumed_from["global_step"] - SHAPES_STEPS_PER_EPOCH}
+    ]
 
     out = finish(start(tmp_path, *SHAPES))
     assert f"resuming the unfinished run {run_folder(tmp_path)}" in out
@@ -189,7 +213,9 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_over_ranks():
     assert epoch_ids(resumable_loader(Numbered(), batch_size=4, seed=6), 1) != second
     expected = [str(i) for i in DistributedSampler(Numbered(), num_replicas=2, rank=0, shuffle=True, seed=5)]
     sampler = EpochShuffle(Numbered(), seed=5, num_replicas=2, rank=0)
-    assert [str(i) for i in sampler] == expected  # torch's DistributedSampler order: rank r takes positions r, r + 2, ...
+    assert [
+        str(i) for i in sampler
+    ] == expected  # torch's DistributedSampler order: rank r takes positions r, r + 2, ...
 
 
 def test_a_loader_restored_mid_epoch_yields_the_rest_of_that_epoch():

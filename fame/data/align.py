@@ -62,7 +62,9 @@ def _landmark_points(values: Any, where: str) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"{where}: landmarks must be 10 numbers (x1 y1 ... x5 y5), got {values!r}.") from None
     if points.size != 10:
-        raise ValueError(f"{where}: expected 10 numbers (x1 y1 ... x5 y5) or five [x, y] pairs, got {points.size} numbers.")
+        raise ValueError(
+            f"{where}: expected 10 numbers (x1 y1 ... x5 y5) or five [x, y] pairs, got {points.size} numbers."
+        )
     return points.reshape(5, 2)
 
 
@@ -191,7 +193,9 @@ def align_faces(
         names = list(given)
         missing = [name for name in names if not (input_dir / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{landmarks}: {len(missing)} listed images are not in {input_dir} (first: {missing[:3]}).")
+            raise FileNotFoundError(
+                f"{landmarks}: {len(missing)} listed images are not in {input_dir} (first: {missing[:3]})."
+            )
         locate = lambda name, image: given[name]  # noqa: E731
     else:
         names = _list_images(input_dir)

@@ -61,7 +61,9 @@ def _face_sample(item: Any, index: int) -> dict[str, Any]:
     elif isinstance(item, (tuple, list)) and len(item) == 2:
         sample = {"image": item[0], "label": item[1]}
     else:
-        raise TypeError(f"{where}: expected a dict with 'image' and 'label' or an (image, label) tuple, got {type(item).__name__}")
+        raise TypeError(
+            f"{where}: expected a dict with 'image' and 'label' or an (image, label) tuple, got {type(item).__name__}"
+        )
     sample["image"] = as_image_tensor(sample["image"], where)
     sample["label"] = int(sample["label"])
     sample["id"] = str(sample.get("id", index))
@@ -208,10 +210,14 @@ class FaceTrainingDataModule(L.LightningDataModule):
     def _loader(self, samples: Optional[_FaceSamples], training: bool) -> DataLoader:
         if samples is None:
             raise RuntimeError("call setup() (the Trainer does) before asking for a dataloader")
-        arguments = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        arguments = dict(
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0
+        )
         if training:
             return resumable_loader(samples, self.batch_size, self.seed, self.trainer, drop_last=True, **arguments)
-        return DataLoader(samples, batch_size=self.batch_size, generator=torch.Generator(), **arguments)  # see modules.py
+        return DataLoader(
+            samples, batch_size=self.batch_size, generator=torch.Generator(), **arguments
+        )  # see modules.py
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)

@@ -21,7 +21,14 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from fame.data.images import IMAGE_EXTENSIONS, CorruptSampleError, ResizeCrop, SkipCorruptDataset, read_image, to_float_tensor
+from fame.data.images import (
+    IMAGE_EXTENSIONS,
+    CorruptSampleError,
+    ResizeCrop,
+    SkipCorruptDataset,
+    read_image,
+    to_float_tensor,
+)
 
 BOX_COLUMNS = ("path", "xmin", "ymin", "xmax", "ymax")
 
@@ -100,8 +107,7 @@ class ImageFolderDataset(SkipCorruptDataset):
         if unknown:
             raise ValueError(f"{path}: boxes given for images not in {self.root} (first: {unknown[:3]}).")
         return {
-            relative: torch.tensor(table.get(relative, []), dtype=torch.float32).reshape(-1, 4)
-            for relative in known
+            relative: torch.tensor(table.get(relative, []), dtype=torch.float32).reshape(-1, 4) for relative in known
         }
 
     @staticmethod
@@ -121,7 +127,11 @@ class ImageFolderDataset(SkipCorruptDataset):
     def load(self, index: int) -> dict[str, object]:
         relative, label = self.samples[index]
         image = read_image(self.root / relative)
-        item: dict[str, object] = {"image": to_float_tensor(self.transform.image(image)), "label": label, "id": relative}
+        item: dict[str, object] = {
+            "image": to_float_tensor(self.transform.image(image)),
+            "label": label,
+            "id": relative,
+        }
         if self.boxes is not None:
             item["boxes"] = self.transform.boxes(self.boxes[relative], *image.size)
         if self.mask_root is not None:
@@ -134,7 +144,11 @@ class ImageFolderDataset(SkipCorruptDataset):
             with Image.open(path) as opened:
                 mask = opened.convert("L")
         except OSError as error:
-            raise CorruptSampleError(f"{path}: cannot decode the mask of {relative} ({error}); expected a PNG image.") from error
+            raise CorruptSampleError(
+                f"{path}: cannot decode the mask of {relative} ({error}); expected a PNG image."
+            ) from error
         if mask.size != image_size:
-            raise ValueError(f"{path}: mask is {mask.size[0]}x{mask.size[1]}, but image {relative} is {image_size[0]}x{image_size[1]}.")
+            raise ValueError(
+                f"{path}: mask is {mask.size[0]}x{mask.size[1]}, but image {relative} is {image_size[0]}x{image_size[1]}."
+            )
         return to_float_tensor(self.transform.mask(mask))

@@ -16,7 +16,9 @@ class IdentityFolderDataset(SkipCorruptDataset):
     Images are found recursively inside each identity folder and ordered by path.
     """
 
-    def __init__(self, root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, skip_corrupt: bool = False
+    ) -> None:
         super().__init__(skip_corrupt)
         self.root = Path(root)
         if not self.root.is_dir():

@@ -92,8 +92,7 @@ def read_val_solution_csv(path: str | Path) -> dict[str, ImageAnnotation]:
         columns = [name.strip() for name in reader.fieldnames or []]
         if "ImageId" not in columns or "PredictionString" not in columns:
             raise ValueError(
-                f"{path}: expected the columns ImageId,PredictionString of LOC_val_solution.csv, "
-                f"found {columns}."
+                f"{path}: expected the columns ImageId,PredictionString of LOC_val_solution.csv, found {columns}."
             )
         reader.fieldnames = columns
         for row_number, row in enumerate(reader, start=2):
@@ -108,7 +107,9 @@ def read_val_solution_csv(path: str | Path) -> dict[str, ImageAnnotation]:
             synsets, boxes = [], []
             for start in range(0, len(fields), 5):
                 synsets.append(fields[start])
-                boxes.append(tuple(_number(value, where, "a box coordinate") for value in fields[start + 1 : start + 5]))
+                boxes.append(
+                    tuple(_number(value, where, "a box coordinate") for value in fields[start + 1 : start + 5])
+                )
             if image_id in annotations:
                 raise ValueError(f"{where}: ImageId {image_id} appears twice.")
             annotations[image_id] = ImageAnnotation(image_id, tuple(synsets), tuple(boxes), where)  # type: ignore[arg-type]
@@ -130,7 +131,9 @@ def read_voc_annotation(path: str | Path) -> ImageAnnotation:
         if not name or box is None:
             raise ValueError(f"{where}: expected <name> and <bndbox> with xmin, ymin, xmax, ymax.")
         synsets.append(name.strip())
-        boxes.append(tuple(_number(box.findtext(key), where, f"bndbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax")))
+        boxes.append(
+            tuple(_number(box.findtext(key), where, f"bndbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax"))
+        )
     return ImageAnnotation(path.stem, tuple(synsets), tuple(boxes), str(path))  # type: ignore[arg-type]
 
 
@@ -145,12 +148,16 @@ def read_annotations(path: str | Path) -> dict[str, ImageAnnotation]:
         for file in files:
             annotation = read_voc_annotation(file)
             if annotation.image_id in annotations:
-                raise ValueError(f"{file}: ImageId {annotation.image_id} also annotated in {annotations[annotation.image_id].source}.")
+                raise ValueError(
+                    f"{file}: ImageId {annotation.image_id} also annotated in {annotations[annotation.image_id].source}."
+                )
             annotations[annotation.image_id] = annotation
         return annotations
     if path.is_file():
         return read_val_solution_csv(path)
-    raise FileNotFoundError(f"{path}: annotations not found; expected LOC_val_solution.csv or a folder of VOC .xml files.")
+    raise FileNotFoundError(
+        f"{path}: annotations not found; expected LOC_val_solution.csv or a folder of VOC .xml files."
+    )
 
 
 def read_protocol(path: str | Path) -> list[str]:
@@ -204,7 +211,9 @@ def build_imagenet_subset(
 
 def _label_of(annotation: ImageAnnotation, labels: dict[str, int], synset_mapping: str | Path) -> int:
     if not annotation.synsets:
-        raise ValueError(f"{annotation.source}: image {annotation.image_id} has no annotated object, so it has no class.")
+        raise ValueError(
+            f"{annotation.source}: image {annotation.image_id} has no annotated object, so it has no class."
+        )
     wnid = annotation.synsets[0]
     if wnid not in labels:
         raise ValueError(f"{annotation.source}: synset {wnid} is not in {synset_mapping}.")

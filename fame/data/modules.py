@@ -18,8 +18,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 
 def collate_items(items):
@@ -109,20 +108,26 @@ def split_dataset(datamodule, split: str) -> Dataset:
     raise ValueError(f"{type(datamodule).__name__} has no dataset for split {split!r}")
 
 
-def resumable_loader(dataset: Dataset, batch_size: int, seed: int, trainer: Optional[L.Trainer] = None,
-                     **loader_arguments: Any) -> ResumableLoader:
+def resumable_loader(
+    dataset: Dataset, batch_size: int, seed: int, trainer: Optional[L.Trainer] = None, **loader_arguments: Any
+) -> ResumableLoader:
     """A shuffled :class:`ResumableLoader` of ``dataset`` sharded over the ``trainer``'s ranks
     (one rank without a trainer); its own generator draws the worker seeds, so making it leaves
     the global random state alone."""
     replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(dataset, seed, replicas, rank),
-                           generator=torch.Generator().manual_seed(int(seed)), **loader_arguments)
+    return ResumableLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffle(dataset, seed, replicas, rank),
+        generator=torch.Generator().manual_seed(int(seed)),
+        **loader_arguments,
+    )
 
 
 def flip_decision(sample_id: str, seed: int, epoch: int) -> bool:
     """Whether a sample is mirrored in an epoch: one bit of blake2b("<seed>:<epoch>:<id>"), the
     same in every process, rank, worker and resumed run."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{sample_id}".encode("utf-8"), digest_size=1).digest()
+    digest = hashlib.blake2b(f"{int(seed)}:{int(epoch)}:{sample_id}".encode(), digest_size=1).digest()
     return bool(digest[0] & 1)
 
 
@@ -137,7 +142,12 @@ def mirror_at_random(batch: Dict[str, Any], seed: int, epoch: int) -> Dict[str, 
     size = image.shape[-2:]
     flipped = dict(batch)
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[0] == flip.numel() and value.shape[-2:] == size:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 3
+            and value.shape[0] == flip.numel()
+            and value.shape[-2:] == size
+        ):
             flipped[key] = torch.where(flip.view(-1, *[1] * (value.dim() - 1)), value.flip(-1), value)
     return flipped
 
@@ -151,10 +161,18 @@ class ClassificationDataModule(L.LightningDataModule):
     ``limit`` caps every split for quick runs; ``pin_memory`` defaults to CUDA availability.
     """
 
-    def __init__(self, train: Optional[Dataset] = None, val: Optional[Dataset] = None,
-                 test: Optional[Dataset] = None, batch_size: int = 64, num_workers: int = 0,
-                 pin_memory: Optional[bool] = None, limit: Optional[int] = None, flip: bool = True,
-                 seed: int = 0):
+    def __init__(
+        self,
+        train: Optional[Dataset] = None,
+        val: Optional[Dataset] = None,
+        test: Optional[Dataset] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: Optional[bool] = None,
+        limit: Optional[int] = None,
+        flip: bool = True,
+        seed: int = 0,
+    ):
         super().__init__()
         self.datasets = {name: limited(ds, limit) for name, ds in (("train", train), ("val", val), ("test", test))}
         self.batch_size = int(batch_size)
@@ -167,8 +185,12 @@ class ClassificationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         if dataset is None:
             raise ValueError(f"this ClassificationDataModule has no {split} dataset")
-        arguments = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_items,
-                         persistent_workers=self.num_workers > 0)
+        arguments = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_items,
+            persistent_workers=self.num_workers > 0,
+        )
         if shuffle:
             return resumable_loader(dataset, self.batch_size, self.seed, self.trainer, **arguments)
         # An own generator draws the worker seeds: the global random state (dropout's) stays the same

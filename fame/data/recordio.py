@@ -57,7 +57,9 @@ def unpack_image_record(payload: bytes, where: str) -> ImageRecord:
         return ImageRecord(flag, (label,), record_id, record_id2, payload[start:])
     end = start + 4 * flag
     if len(payload) < end:
-        raise CorruptSampleError(f"{where}: header says {flag} float32 labels follow, but the payload ends after {len(payload)} bytes.")
+        raise CorruptSampleError(
+            f"{where}: header says {flag} float32 labels follow, but the payload ends after {len(payload)} bytes."
+        )
     labels = tuple(float(value) for value in np.frombuffer(payload, dtype="<f4", count=flag, offset=start))
     return ImageRecord(flag, labels, record_id, record_id2, payload[end:])
 
@@ -92,7 +94,9 @@ class RecordFile:
             handle.seek(position)
             header = handle.read(RECORD_HEADER.size)
             if len(header) < RECORD_HEADER.size:
-                raise CorruptSampleError(f"{where}: the file ends inside the 8-byte record header (file size {self.size}).")
+                raise CorruptSampleError(
+                    f"{where}: the file ends inside the 8-byte record header (file size {self.size})."
+                )
             magic, lrec = RECORD_HEADER.unpack(header)
             if magic != RECORDIO_MAGIC:
                 raise CorruptSampleError(
@@ -142,7 +146,9 @@ def read_idx(path: str | Path) -> dict[int, int]:
                 continue
             fields = line.split()
             if len(fields) != 2 or not all(field.isdigit() for field in fields):
-                raise ValueError(f"{path}, line {number}: expected 'key<TAB>byte_offset' (two integers), got {line.rstrip()!r}.")
+                raise ValueError(
+                    f"{path}, line {number}: expected 'key<TAB>byte_offset' (two integers), got {line.rstrip()!r}."
+                )
             key, offset = int(fields[0]), int(fields[1])
             if key in offsets:
                 raise ValueError(f"{path}, line {number}: key {key} appears twice.")

@@ -21,13 +21,33 @@ from torch.utils.data import Dataset
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "star", "ring")
 BACKGROUND_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-    "brick", "grass", "gravel", "coins", "moon", "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+    "camera",
 )
 #: Candidate object colours; the one farthest from the local background is drawn.
 PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [250, 250, 250], [10, 10, 10]],
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [250, 250, 250],
+        [10, 10, 10],
+    ],
     dtype=np.float32,
 )
 
@@ -88,8 +108,7 @@ def shape_mask(label: int, size: int, center: Tuple[float, float], radius: float
     else:  # cross: a plus sign of arm half-width 0.3 r
         w, r = 0.3 * radius, radius
         vertices = np.array(
-            [[-r, -w], [-r, w], [-w, w], [-w, r], [w, r], [w, w],
-             [r, w], [r, -w], [w, -w], [w, -r], [-w, -r], [-w, -w]]
+            [[-r, -w], [-r, w], [-w, w], [-w, r], [w, r], [w, w], [r, w], [r, -w], [w, -w], [w, -r], [-w, -r], [-w, -w]]
         )
         vertices = _rotate(vertices, angle)
     rr, cc = draw.polygon(vertices[:, 0] + row, vertices[:, 1] + col, shape=mask.shape)
@@ -106,8 +125,9 @@ def render_shape_sample(seed: int, index: int, image_size: int, num_classes: int
     height, width = photo.shape[:2]
     crop = int(rng.integers(min(height, width) // 4, min(height, width) + 1))
     top, left = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
-    background = cv2.resize(photo[top : top + crop, left : left + crop], (image_size, image_size),
-                            interpolation=cv2.INTER_AREA).astype(np.float32)
+    background = cv2.resize(
+        photo[top : top + crop, left : left + crop], (image_size, image_size), interpolation=cv2.INTER_AREA
+    ).astype(np.float32)
     if rng.random() < 0.5:
         background = background[:, ::-1]
     background = background * rng.uniform(0.6, 1.2) + rng.uniform(-30, 30, size=3)

@@ -69,8 +69,16 @@ class ShortcutShapesDataset(ShapesDataset):
     ``id`` is ``"shortcut-<seed>-<i>"``; ``watermark_mask`` is float32 (1, H, W).
     """
 
-    def __init__(self, length: int, image_size: int = 64, seed: int = 0, num_classes: int = 4,
-                 strength: float = 0.9, watermark_size: int = 6, corner: str = "top_left"):
+    def __init__(
+        self,
+        length: int,
+        image_size: int = 64,
+        seed: int = 0,
+        num_classes: int = 4,
+        strength: float = 0.9,
+        watermark_size: int = 6,
+        corner: str = "top_left",
+    ):
         super().__init__(length, image_size=image_size, seed=seed, num_classes=num_classes)
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength is a probability and must be in [0, 1], got {strength}")

@@ -317,7 +317,10 @@ def _draw_background_and_body(canvas: _Canvas, nuisance: _Nuisance) -> None:
     if style == "long":
         canvas.fill([np.array([[-0.66, -0.2], [0.66, -0.2], [0.74, 0.95], [-0.74, 0.95]])], hair)
     elif style == "curly":
-        bumps = [_ellipse(0.62 * math.cos(a), -0.05 - 0.7 * math.sin(a), 0.17, 0.17) for a in np.linspace(-0.3, np.pi + 0.3, 9)]
+        bumps = [
+            _ellipse(0.62 * math.cos(a), -0.05 - 0.7 * math.sin(a), 0.17, 0.17)
+            for a in np.linspace(-0.3, np.pi + 0.3, 9)
+        ]
         canvas.fill([_ellipse(0.0, -0.15, 0.68, 0.7), *bumps], hair)
     neck = np.array([[-0.2, 0.45], [0.2, 0.45], [0.24, 1.05], [-0.24, 1.05]])
     canvas.fill([neck], nuisance.skin * 0.85)
@@ -402,7 +405,9 @@ def _draw_nose(canvas: _Canvas, identity: FaceIdentity, nuisance: _Nuisance) -> 
     )
     nose = canvas.coverage([outline])
     canvas.paint(nose, nuisance.skin * 0.72, opacity=0.55)
-    ridge = np.array([[bridge * 0.2, top + 0.02], [bridge * 0.9, top + 0.02], [wing * 0.35, tip - 0.02], [0.0, tip - 0.02]])
+    ridge = np.array(
+        [[bridge * 0.2, top + 0.02], [bridge * 0.9, top + 0.02], [wing * 0.35, tip - 0.02], [0.0, tip - 0.02]]
+    )
     canvas.paint(canvas.coverage([ridge]), np.minimum(nuisance.skin * 1.12, 1.0), opacity=0.5)
     nostrils = [
         _ellipse(side * wing * 0.45, tip + 0.002, identity.nostril_size * 1.4, identity.nostril_size * 0.8)
@@ -431,7 +436,16 @@ def _draw_mouth(canvas: _Canvas, identity: FaceIdentity, nuisance: _Nuisance) ->
 
 def _glasses() -> list[np.ndarray]:
     lenses = [
-        np.array([[s * 0.035, -0.23], [s * 0.52, -0.23], [s * 0.52, 0.03], [s * 0.46, 0.09], [s * 0.1, 0.09], [s * 0.035, 0.01]])
+        np.array(
+            [
+                [s * 0.035, -0.23],
+                [s * 0.52, -0.23],
+                [s * 0.52, 0.03],
+                [s * 0.46, 0.09],
+                [s * 0.1, 0.09],
+                [s * 0.035, 0.01],
+            ]
+        )
         for s in (-1, 1)
     ]
     bridge = np.array([[-0.05, -0.21], [0.05, -0.21], [0.05, -0.17], [-0.05, -0.17]])

@@ -25,7 +25,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from fame.data.images import CorruptSampleError, SkipCorruptDataset, decode_image, read_image, to_float_tensor, to_uint8_array
+from fame.data.images import (
+    CorruptSampleError,
+    SkipCorruptDataset,
+    decode_image,
+    read_image,
+    to_float_tensor,
+    to_uint8_array,
+)
 
 PAIR_COLUMNS = ("G", "P", "T")
 
@@ -74,8 +81,19 @@ def read_bin_records(path: str | Path) -> tuple[list[bytes], list[bool]]:
             f"{path}: refused to unpickle ({error}). An insightface verification .bin holds only a list of "
             "encoded images and a list of booleans; this file is not one and may be malicious."
         ) from error
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as error:
-        raise ValueError(f"{path}: not a readable insightface verification .bin ({type(error).__name__}: {error}).") from error
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+    ) as error:
+        raise ValueError(
+            f"{path}: not a readable insightface verification .bin ({type(error).__name__}: {error})."
+        ) from error
     if not (isinstance(content, (tuple, list)) and len(content) == 2):
         raise ValueError(f"{path}: expected a pickled pair (images, issame), got {type(content).__name__}.")
     images, issame = content
@@ -194,7 +212,11 @@ class PairsDataset(SkipCorruptDataset):
     """
 
     def __init__(
-        self, pairs: Sequence[VerificationPair], images: ImageSource, size: int | None = None, skip_corrupt: bool = False
+        self,
+        pairs: Sequence[VerificationPair],
+        images: ImageSource,
+        size: int | None = None,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__(skip_corrupt)
         self.pairs = list(pairs)
@@ -247,19 +269,28 @@ class PairsDataset(SkipCorruptDataset):
                 if not gallery or not probe:
                     raise ValueError(f"{where}: G and P must name the gallery and probe images.")
                 pairs.append(VerificationPair(gallery, probe, label == "1", f"{path.stem}/{index}", where))
-        images: ImageSource = HDF5Images(Path(hdf5)) if hdf5 is not None else FileImages(Path(root) if root is not None else path.parent)
+        images: ImageSource = (
+            HDF5Images(Path(hdf5)) if hdf5 is not None else FileImages(Path(root) if root is not None else path.parent)
+        )
         return cls(pairs, images, size, skip_corrupt)
 
     @classmethod
     def from_lfw_pairs(
-        cls, pairs_txt: str | Path, root: str | Path, ext: str = "jpg", size: int | None = None, skip_corrupt: bool = False
+        cls,
+        pairs_txt: str | Path,
+        root: str | Path,
+        ext: str = "jpg",
+        size: int | None = None,
+        skip_corrupt: bool = False,
     ) -> PairsDataset:
         """Pairs from LFW ``pairs.txt``; images ``root/name/name_%04d.<ext>``.
         Ids ``<file stem>/<pair index>``."""
         pairs_txt = Path(pairs_txt)
         lines = [line.split() for line in pairs_txt.read_text(encoding="utf-8").splitlines()]
         if not lines or not lines[0] or not all(field.isdigit() for field in lines[0]) or len(lines[0]) > 2:
-            raise ValueError(f"{pairs_txt}, line 1: expected a header 'folds pairs_per_fold' (or one count) of integers.")
+            raise ValueError(
+                f"{pairs_txt}, line 1: expected a header 'folds pairs_per_fold' (or one count) of integers."
+            )
         expected = 2 * int(np.prod([int(field) for field in lines[0]]))
 
         def image(name: str, number: str, where: str) -> str:
@@ -278,7 +309,9 @@ class PairsDataset(SkipCorruptDataset):
             elif len(fields) == 4:
                 pair = (image(fields[0], fields[1], where), image(fields[2], fields[3], where), False)
             else:
-                raise ValueError(f"{where}: expected 'name i j' (genuine) or 'name1 i name2 j' (impostor), got {fields}.")
+                raise ValueError(
+                    f"{where}: expected 'name i j' (genuine) or 'name1 i name2 j' (impostor), got {fields}."
+                )
             pairs.append(VerificationPair(*pair, f"{pairs_txt.stem}/{len(pairs)}", where))
         if len(pairs) != expected:
             raise ValueError(f"{pairs_txt}: the header promises {expected} pairs, found {len(pairs)}.")

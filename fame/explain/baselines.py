@@ -18,8 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 import tqdm
-from pytorch_grad_cam import score_cam
-from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM, ScoreCAM
+from pytorch_grad_cam import FullGrad, GradCAM, GradCAMElementWise, HiResCAM, ScoreCAM, score_cam
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
@@ -45,7 +44,9 @@ class CosineSimilarityTarget:
 
     def __init__(self, reference_embedding: Tensor, dissimilar: bool = False):
         if reference_embedding.dim() != 1:
-            raise ValueError(f"reference_embedding must be one embedding (D,), got shape {tuple(reference_embedding.shape)}")
+            raise ValueError(
+                f"reference_embedding must be one embedding (D,), got shape {tuple(reference_embedding.shape)}"
+            )
         self.reference = reference_embedding.detach()
         self.dissimilar = dissimilar
 
@@ -115,7 +116,7 @@ def cam_maps(
 def sample_seed(sample_id: str, seed: int = 0) -> int:
     """A 32-bit seed for one sample: zlib.crc32 of "<seed>:<id>", stable across runs, processes and
     machines (Python's hash() is salted per process; torch's CPU generator keeps 32 bits)."""
-    return zlib.crc32(f"{int(seed)}:{sample_id}".encode("utf-8"))
+    return zlib.crc32(f"{int(seed)}:{sample_id}".encode())
 
 
 def random_maps(images: Tensor, ids: Sequence[str], seed: int = 0) -> Tensor:
@@ -149,7 +150,9 @@ def sobel_maps(images: Tensor) -> Tensor:
     """Gradient magnitude of the luma (Sobel, replicate padding), min-max normalized: the edge floor."""
     check_images(images)
     gray = to_gray(images)
-    kernel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device, dtype=images.dtype)
+    kernel_x = torch.tensor(
+        [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device, dtype=images.dtype
+    )
     kernels = torch.stack([kernel_x, kernel_x.t()]).unsqueeze(1)
     gradients = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
     return normalize_maps(gradients.pow(2).sum(dim=1, keepdim=True).sqrt(), "minmax")

@@ -53,9 +53,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def trial_fits(model: nn.Module, image_shape: Sequence[int], config: FameConfig,
-               device: torch.device) -> Callable[[int], bool]:
+def trial_fits(
+    model: nn.Module, image_shape: Sequence[int], config: FameConfig, device: torch.device
+) -> Callable[[int], bool]:
     """``fits(batch)``: do two FAME iterations of ``batch`` random images run without running out of memory?"""
+
     def fits(batch: int) -> bool:
         try:
             images = torch.rand((batch, *image_shape), device=device)
@@ -85,8 +87,9 @@ def available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def saved_bytes(model: nn.Module, image_shape: Sequence[int], config: FameConfig, device: torch.device,
-                batch: int) -> int:
+def saved_bytes(
+    model: nn.Module, image_shape: Sequence[int], config: FameConfig, device: torch.device, batch: int
+) -> int:
     """Bytes autograd keeps for the backward pass of one FAME iteration of ``batch`` images."""
     total = 0
 
@@ -96,13 +99,23 @@ def saved_bytes(model: nn.Module, image_shape: Sequence[int], config: FameConfig
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        explain(model, torch.rand((batch, *image_shape), device=device), _output_sum(model),
-                _trial_config(config).replace(iterations=1))
+        explain(
+            model,
+            torch.rand((batch, *image_shape), device=device),
+            _output_sum(model),
+            _trial_config(config).replace(iterations=1),
+        )
     return total
 
 
-def ram_fits(model: nn.Module, image_shape: Sequence[int], config: FameConfig, device: torch.device,
-             available_bytes: Optional[int] = None, fraction: float = 0.5) -> Callable[[int], bool]:
+def ram_fits(
+    model: nn.Module,
+    image_shape: Sequence[int],
+    config: FameConfig,
+    device: torch.device,
+    available_bytes: Optional[int] = None,
+    fraction: float = 0.5,
+) -> Callable[[int], bool]:
     """``fits(batch)``: does twice the saved-tensor memory of ``batch`` images (saved tensors plus
     the gradients of the backward pass) stay within ``fraction`` of the available RAM?"""
     one = saved_bytes(model, image_shape, config, device, 1)

@@ -53,7 +53,9 @@ def corrrise_masks(
     height, width = size
     patch_size = corrrise_patch_size(size) if patch_size is None else int(patch_size)
     if not 1 <= patch_size <= min(height, width):
-        raise ValueError(f"CorrRISE patch_size must be in [1, {min(height, width)}] for {height}x{width} images, got {patch_size}")
+        raise ValueError(
+            f"CorrRISE patch_size must be in [1, {min(height, width)}] for {height}x{width} images, got {patch_size}"
+        )
     if int(count) < 2 or int(patches) < 1:
         raise ValueError(f"CorrRISE needs at least 2 masks and 1 patch per mask, got masks={count}, patches={patches}")
     device = generator.device if generator is not None else torch.device("cpu")

@@ -96,8 +96,12 @@ class FameConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.step_size, bool) or not isinstance(self.step_size, numbers.Real) \
-                or not math.isfinite(self.step_size) or not self.step_size > 0:
+        if (
+            isinstance(self.step_size, bool)
+            or not isinstance(self.step_size, numbers.Real)
+            or not math.isfinite(self.step_size)
+            or not self.step_size > 0
+        ):
             raise ValueError(f"FameConfig.step_size must be a finite number > 0, got {self.step_size!r}")
         if int(self.iterations) != self.iterations or self.iterations < 0:
             raise ValueError(f"FameConfig.iterations must be a non-negative integer, got {self.iterations}")
@@ -138,7 +142,7 @@ class FameConfig:
             return None
         return int(self.blur_kernel) | 1
 
-    def for_task(self, task: str) -> "FameConfig":
+    def for_task(self, task: str) -> FameConfig:
         """This config with ``epsilon="task"`` replaced by the task's value (``TASK_EPSILONS``)."""
         if task not in TASK_EPSILONS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(map(repr, TASK_EPSILONS))}")
@@ -151,7 +155,7 @@ class FameConfig:
         """The threshold the run stops at: ``epsilon``, with ``"task"`` read as a custom objective's (None)."""
         return self.for_task("custom").epsilon
 
-    def replace(self, **changes) -> "FameConfig":
+    def replace(self, **changes) -> FameConfig:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
@@ -164,14 +168,16 @@ class FameStats:
     initial_loss: Tensor
     final_loss: Tensor
 
-    def __getitem__(self, index) -> "FameStats":
+    def __getitem__(self, index) -> FameStats:
         """The statistics of a subset of samples (an index, slice or mask)."""
         return FameStats(self.iterations[index], self.initial_loss[index], self.final_loss[index])
 
     @staticmethod
-    def cat(parts: "list[FameStats]") -> "FameStats":
+    def cat(parts: list[FameStats]) -> FameStats:
         """The statistics of consecutive runs, concatenated along the sample dimension."""
-        return FameStats(*(torch.cat([getattr(p, name) for p in parts]) for name in ("iterations", "initial_loss", "final_loss")))
+        return FameStats(
+            *(torch.cat([getattr(p, name) for p in parts]) for name in ("iterations", "initial_loss", "final_loss"))
+        )
 
 
 @dataclass
@@ -255,9 +261,7 @@ def attribution_map(images: Tensor, perturbed: Tensor, config: Optional[FameConf
     """
     config = config or FameConfig()
     if images.shape != perturbed.shape:
-        raise ValueError(
-            f"perturbed must have the shape of images {tuple(images.shape)}, got {tuple(perturbed.shape)}"
-        )
+        raise ValueError(f"perturbed must have the shape of images {tuple(images.shape)}, got {tuple(perturbed.shape)}")
     with torch.autocast(images.device.type, enabled=False):
         difference = (to_gray(perturbed) - to_gray(images)).abs().contiguous()
         peak = _per_sample_max(difference)
@@ -351,9 +355,7 @@ class InputGradient:
     def _checked(self, loss, inputs: Tensor) -> Tensor:
         if not isinstance(loss, Tensor) or loss.dim() != 1 or loss.shape[0] != inputs.shape[0]:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"the objective must return one loss per sample, shape ({inputs.shape[0]},), got {shape}"
-            )
+            raise ValueError(f"the objective must return one loss per sample, shape ({inputs.shape[0]},), got {shape}")
         return loss.to(self.dtype)
 
     def _select(self, values: Tensor, active: Tensor) -> Tensor:
@@ -411,8 +413,11 @@ class InputGradient:
 
 
 def _raise_nonfinite_loss(bad: Tensor, initial_loss: Tensor, final_loss: Tensor, precision: str) -> None:
-    hint = ("; float16 overflows above 65504: use precision 'bf16-mixed' or '32'" if precision == "16-mixed"
-            else "; check the model's output and the objective for these inputs")
+    hint = (
+        "; float16 overflows above 65504: use precision 'bf16-mixed' or '32'"
+        if precision == "16-mixed"
+        else "; check the model's output and the objective for these inputs"
+    )
     raise FloatingPointError(
         f"the FAME loss became non-finite (NaN or Inf) for samples {describe_samples(bad)} of the batch "
         f"(loss at x_0: {initial_loss[bad][:10].tolist()}, at the last iteration: {final_loss[bad][:10].tolist()})"

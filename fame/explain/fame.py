@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .engine import (
+    TASK_EPSILONS,
     FameConfig,
     FameStats,
-    TASK_EPSILONS,
     attribution_map,
     check_images,
     lots_perturbation,
@@ -79,8 +79,7 @@ def _broadcast_references(reference_images: Tensor, batch: int) -> Tensor:
     check_images(reference_images, "reference_images")
     if reference_images.shape[0] not in (1, batch):
         raise ValueError(
-            f"reference_images must be one image or one per sample ({batch}), got shape "
-            f"{tuple(reference_images.shape)}"
+            f"reference_images must be one image or one per sample ({batch}), got shape {tuple(reference_images.shape)}"
         )
     return reference_images
 
@@ -93,8 +92,9 @@ def embed(model: nn.Module, images: Tensor, batch_size: int = 256, config: Optio
     chunks = []
     with torch.no_grad(), engine_arithmetic(config.precision, device):
         for start in range(0, images.shape[0], batch_size):
-            chunk = maybe_channels_last(images[start : start + batch_size].to(working_dtype(images)),
-                                        config.channels_last)
+            chunk = maybe_channels_last(
+                images[start : start + batch_size].to(working_dtype(images)), config.channels_last
+            )
             with forward_autocast(config.precision, device):
                 chunks.append(model(chunk))
     return full_precision(torch.cat(chunks))
@@ -143,10 +143,7 @@ def explain_verification(
     out = {mode: maps[k * batch : (k + 1) * batch] for k, mode in enumerate(modes)}
     if not return_stats:
         return out
-    stats = {
-        mode: result.stats[k * batch : (k + 1) * batch]
-        for k, mode in enumerate(modes)
-    }
+    stats = {mode: result.stats[k * batch : (k + 1) * batch] for k, mode in enumerate(modes)}
     return out, stats
 
 

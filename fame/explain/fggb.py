@@ -59,7 +59,11 @@ def check_gradient_of(gradient_of: str) -> str:
 
 
 def weighted_gradient_sum(
-    model: nn.Module, images: Tensor, reference: Tensor, threshold: float, batch_size: int = 256,
+    model: nn.Module,
+    images: Tensor,
+    reference: Tensor,
+    threshold: float,
+    batch_size: int = 256,
     gradient_of: str = "normalized",
 ) -> Tensor:
     """S = sum_k (v_k - theta / D) G_k, shape (B, 1, H, W), for L2-normalized references (B, D).
@@ -77,7 +81,9 @@ def weighted_gradient_sum(
     with torch.no_grad():
         embeddings = F.normalize(model(images), dim=1)
     if reference.shape != embeddings.shape:
-        raise ValueError(f"the reference embeddings have shape {tuple(reference.shape)}, the images' {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"the reference embeddings have shape {tuple(reference.shape)}, the images' {tuple(embeddings.shape)}"
+        )
     dims = embeddings.shape[1]
     weights = embeddings * reference.to(embeddings.dtype) - threshold / dims
     dims_per_pass = max(1, int(batch_size) // batch)
@@ -129,13 +135,22 @@ def fggb_maps(
     sigma = default_sigma if blur_sigma is None else float(blur_sigma)
     with explaining(model):
         reference = F.normalize(embed(model, references.detach().clone()), dim=1)
-        combined = weighted_gradient_sum(model, images.detach().clone(), reference, float(threshold), int(batch_size),
-                                           gradient_of)
+        combined = weighted_gradient_sum(
+            model, images.detach().clone(), reference, float(threshold), int(batch_size), gradient_of
+        )
     return {
         "similar": normalize_maps(blur_maps(combined.clamp(min=0), kernel, sigma), normalization),
         "dissimilar": normalize_maps(blur_maps((-combined).clamp(min=0), kernel, sigma), normalization),
     }
 
 
-__all__ = ["BLUR_KERNEL_AT_112", "BLUR_SIGMA_AT_112", "DEFAULT_THRESHOLD", "GRADIENT_OF", "check_gradient_of", "fggb_blur",
-           "fggb_maps", "weighted_gradient_sum"]
+__all__ = [
+    "BLUR_KERNEL_AT_112",
+    "BLUR_SIGMA_AT_112",
+    "DEFAULT_THRESHOLD",
+    "GRADIENT_OF",
+    "check_gradient_of",
+    "fggb_blur",
+    "fggb_maps",
+    "weighted_gradient_sum",
+]

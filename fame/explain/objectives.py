@@ -139,7 +139,7 @@ class FeatureActivation:
         self._handle = None
         self._checked = False
 
-    def __enter__(self) -> "FeatureActivation":
+    def __enter__(self) -> FeatureActivation:
         self._handle = self.layer.register_forward_hook(self._capture)
         return self
 

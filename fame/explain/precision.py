@@ -86,8 +86,14 @@ class LossScale:
     g / max|g| per sample, so the scale never changes the step, only what survives float16.
     """
 
-    def __init__(self, enabled: bool, initial: float = 2.0**16, growth_interval: int = 100,
-                 smallest: float = 1.0, largest: float = 2.0**24):
+    def __init__(
+        self,
+        enabled: bool,
+        initial: float = 2.0**16,
+        growth_interval: int = 100,
+        smallest: float = 1.0,
+        largest: float = 2.0**24,
+    ):
         self.enabled = enabled
         self.scale = initial if enabled else 1.0
         self.growth_interval = growth_interval
@@ -119,7 +125,7 @@ def nonfinite_samples(values: Tensor) -> Tensor:
 
 
 def describe_samples(positions: Tensor, limit: int = 10) -> str:
-    """"[0, 3, 7]" or "[0, 3, ... ] (25 samples)" for an error message."""
+    """ "[0, 3, 7]" or "[0, 3, ... ] (25 samples)" for an error message."""
     listed = positions.tolist()
     if len(listed) <= limit:
         return str(listed)
@@ -143,7 +149,6 @@ def maybe_channels_last(images: Tensor, enabled: bool) -> Tensor:
     if enabled and images.dim() == 4:
         return images.contiguous(memory_format=torch.channels_last)
     return images
-
 
 
 def map_agreement(maps: Tensor, reference: Tensor) -> dict:

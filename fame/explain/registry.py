@@ -154,7 +154,9 @@ def fame_config(options: dict, task: str) -> FameConfig:
     if unknown:
         registered = _METHODS.get(("fame", task))
         known = (registered.options if registered is not None else []) + names
-        raise ValueError(f"fame ({task}) has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}")
+        raise ValueError(
+            f"fame ({task}) has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}"
+        )
     return FameConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in options.items()})
 
 
@@ -182,8 +184,9 @@ def reference_embeddings(model: nn.Module, references: Tensor, batch: int) -> Te
 def fame_classification(model, images, targets, *, ids, loss: str = "logit", **options) -> MethodResult:
     """FAME (the FAME paper); options are the FameConfig fields and the loss
     ("logit", "abs_logit", "log_softmax", "probability", "margin")."""
-    maps, stats = explain_classification(model, images, targets, fame_config(options, "classification"), loss=loss,
-                                        return_stats=True)
+    maps, stats = explain_classification(
+        model, images, targets, fame_config(options, "classification"), loss=loss, return_stats=True
+    )
     return MethodResult({"": maps}, {"": stats})
 
 
@@ -216,13 +219,17 @@ for _cam in ("gradcam", "gradcam_elementwise", "hirescam"):
 
 
 @register_method("scorecam", "classification")
-def scorecam_classification(model, images, targets, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
+def scorecam_classification(
+    model, images, targets, *, ids, layer: Optional[str] = None, batch_size: int = 32
+) -> MethodResult:
     """Score-CAM; ``batch_size`` masked images per forward pass."""
     return cam_classification("scorecam", model, images, targets, layer, batch_size)
 
 
 @register_method("scorecam", "verification")
-def scorecam_verification(model, images, references, *, ids, layer: Optional[str] = None, batch_size: int = 32) -> MethodResult:
+def scorecam_verification(
+    model, images, references, *, ids, layer: Optional[str] = None, batch_size: int = 32
+) -> MethodResult:
     """Score-CAM of the cosine similarity; ``batch_size`` masked images per forward pass."""
     return cam_verification("scorecam", model, images, references, layer, batch_size)
 
@@ -241,13 +248,28 @@ def fullgrad_verification(model, images, references, *, ids) -> MethodResult:
 
 @register_method("rise", "classification")
 def rise_classification(
-    model, images, targets, *, ids, masks: int = 4000, grid_size: int = 7, probability: float = 0.5,
-    score: str = "probability", batch_size: int = 256, normalization: str = "minmax", seed: int = 0,
+    model,
+    images,
+    targets,
+    *,
+    ids,
+    masks: int = 4000,
+    grid_size: int = 7,
+    probability: float = 0.5,
+    score: str = "probability",
+    batch_size: int = 256,
+    normalization: str = "minmax",
+    seed: int = 0,
 ) -> MethodResult:
     """RISE (Petsiuk et al. 2018); one mask set drawn from ``seed`` for every batch."""
     generator = torch.Generator().manual_seed(int(seed))
-    return MethodResult({"": rise_maps(model, images, targets, masks, grid_size, probability, score, batch_size,
-                                       normalization, generator)})
+    return MethodResult(
+        {
+            "": rise_maps(
+                model, images, targets, masks, grid_size, probability, score, batch_size, normalization, generator
+            )
+        }
+    )
 
 
 # --- verification -----------------------------------------------------------------------------
@@ -256,32 +278,53 @@ def rise_classification(
 @register_method("fame", "verification")
 def fame_verification(model, images, references, *, ids, **options) -> MethodResult:
     """FAME e+ / e- (the FAME paper); options are the FameConfig fields (epsilon "task": the paper's 0.01)."""
-    maps, stats = explain_verification(model, images, references, fame_config(options, "verification"),
-                                       return_stats=True)
+    maps, stats = explain_verification(
+        model, images, references, fame_config(options, "verification"), return_stats=True
+    )
     return MethodResult(dict(maps), dict(stats))
 
 
 @register_method("corrrise", "verification")
 def corrrise_verification(
-    model, images, references, *, ids, masks: int = 500, patches: int = 3, patch_size: Optional[int] = None,
-    fill: float = 0.0, batch_size: int = 256, normalization: str = "max", seed: int = 0,
+    model,
+    images,
+    references,
+    *,
+    ids,
+    masks: int = 500,
+    patches: int = 3,
+    patch_size: Optional[int] = None,
+    fill: float = 0.0,
+    batch_size: int = 256,
+    normalization: str = "max",
+    seed: int = 0,
 ) -> MethodResult:
     """CorrRISE (Lu et al., WACV 2024); one mask set drawn from ``seed`` for all pairs."""
     generator = torch.Generator().manual_seed(int(seed))
-    return MethodResult(corrrise_maps(model, images, references, masks, patches, patch_size, fill, batch_size,
-                                      normalization, generator))
+    return MethodResult(
+        corrrise_maps(model, images, references, masks, patches, patch_size, fill, batch_size, normalization, generator)
+    )
 
 
 @register_method("fggb", "verification")
 def fggb_verification(
-    model, images, references, *, ids, threshold: float = DEFAULT_THRESHOLD, blur_kernel: Optional[int] = None,
-    blur_sigma: Optional[float] = None, normalization: str = "max", batch_size: int = 256,
+    model,
+    images,
+    references,
+    *,
+    ids,
+    threshold: float = DEFAULT_THRESHOLD,
+    blur_kernel: Optional[int] = None,
+    blur_sigma: Optional[float] = None,
+    normalization: str = "max",
+    batch_size: int = 256,
     gradient_of: str = "normalized",
 ) -> MethodResult:
     """FGGB (Lu et al., FG 2024); ``threshold`` is the model's EER threshold theta; ``gradient_of``
     the differentiated feature ("normalized" embedding or "raw" feature)."""
-    return MethodResult(fggb_maps(model, images, references, threshold, blur_kernel, blur_sigma, normalization,
-                                  batch_size, gradient_of))
+    return MethodResult(
+        fggb_maps(model, images, references, threshold, blur_kernel, blur_sigma, normalization, batch_size, gradient_of)
+    )
 
 
 # --- floors (both tasks) ----------------------------------------------------------------------
@@ -296,8 +339,11 @@ def _register_floors(task: str, outputs: Sequence[str]) -> None:
     @register_method("random", task)
     def random_floor(model, images, other, *, ids, seed: int = 0) -> MethodResult:
         """Uniform noise seeded per sample id (and per output for verification)."""
-        return _floor_result(lambda output: random_maps(
-            images, [f"{sample_id}/{output}" if output else sample_id for sample_id in ids], seed))
+        return _floor_result(
+            lambda output: random_maps(
+                images, [f"{sample_id}/{output}" if output else sample_id for sample_id in ids], seed
+            )
+        )
 
     @register_method("centre", task)
     def centre_floor(model, images, other, *, ids, sigma_fraction: float = 0.25) -> MethodResult:

@@ -52,7 +52,9 @@ def bilinear_matrix(in_size: int, out_size: int, device=None, dtype=torch.float3
     what the paper's ``skimage.transform.resize(order=1, mode="reflect", anti_aliasing=False)`` does."""
     coordinates = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * in_size / out_size - 0.5
     coordinates = coordinates.abs()
-    coordinates = torch.where(coordinates > in_size - 1, 2 * (in_size - 1) - coordinates, coordinates).clamp(0, in_size - 1)
+    coordinates = torch.where(coordinates > in_size - 1, 2 * (in_size - 1) - coordinates, coordinates).clamp(
+        0, in_size - 1
+    )
     low = coordinates.floor().long().clamp(max=in_size - 1)
     high = (low + 1).clamp(max=in_size - 1)
     weight = coordinates - low

@@ -1,7 +1,6 @@
 """LightningModules and callbacks that orchestrate the framework-free explainers."""
 
 from .classifier import ImageClassifier
-from .face import FaceRecognizer, load_face_recognizer
 from .explain import (
     EmptyMapWarning,
     ExplainMethod,
@@ -11,6 +10,7 @@ from .explain import (
     MapWriter,
     MissingRows,
 )
+from .face import FaceRecognizer, load_face_recognizer
 from .monitor import ExplanationMonitor
 from .score import ScoreModule, ScoreWriter
 

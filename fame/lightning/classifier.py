@@ -20,8 +20,9 @@ from .schedules import legacy_optimization, optimization, plain_specs
 #: AdamW with the classifier's defaults (``configs/module/classifier.yaml``).
 ADAMW = MappingProxyType({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4})
 #: One-cycle per step, 30% warm-up (:func:`fame.lightning.schedules.one_cycle`).
-ONE_CYCLE = MappingProxyType({"_target_": "fame.lightning.schedules.one_cycle", "_partial_": True,
-                              "warmup_fraction": 0.3})
+ONE_CYCLE = MappingProxyType(
+    {"_target_": "fame.lightning.schedules.one_cycle", "_partial_": True, "warmup_fraction": 0.3}
+)
 
 
 class ImageClassifier(L.LightningModule):
@@ -35,8 +36,13 @@ class ImageClassifier(L.LightningModule):
     constant.
     """
 
-    def __init__(self, model: Dict[str, Any], optimizer: Mapping[str, Any] = ADAMW,
-                 scheduler: Optional[Mapping[str, Any]] = ONE_CYCLE, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model: Dict[str, Any],
+        optimizer: Mapping[str, Any] = ADAMW,
+        scheduler: Optional[Mapping[str, Any]] = ONE_CYCLE,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         model = plain(model)
         optimizer, scheduler = plain_specs(optimizer, scheduler)
@@ -46,18 +52,34 @@ class ImageClassifier(L.LightningModule):
         classes = self._num_classes()
         # ModuleDict keys may not shadow nn.Module attributes ("train"): the stage name is a suffix.
         self.top1 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=1) for s in ("train", "val", "test")})
-        self.top5 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=min(5, classes)) for s in ("val", "test")})
+        self.top5 = nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(classes, top_k=min(5, classes)) for s in ("val", "test")}
+        )
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
-                             strict: Optional[bool] = None, *, trust: bool = False, named_targets: Iterable[str] = (),
-                             **hyperparameters: Any) -> "ImageClassifier":
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        strict: Optional[bool] = None,
+        *,
+        trust: bool = False,
+        named_targets: Iterable[str] = (),
+        **hyperparameters: Any,
+    ) -> ImageClassifier:
         """An ImageClassifier from a Lightning checkpoint, which is data: read with
         ``torch.load(weights_only=True)``, its model spec built only when it names the project's
         builders or ``named_targets`` (see :func:`fame.lightning.checkpoints.load_module_checkpoint`);
         ``trust=True`` for a file you made yourself. ``hyperparameters`` replace the file's."""
-        return load_module_checkpoint(cls, checkpoint_path, trust=trust, named_targets=named_targets,
-                                      map_location=map_location, strict=strict, **hyperparameters)
+        return load_module_checkpoint(
+            cls,
+            checkpoint_path,
+            trust=trust,
+            named_targets=named_targets,
+            map_location=map_location,
+            strict=strict,
+            **hyperparameters,
+        )
 
     @staticmethod
     def hyperparameters_from_checkpoint(hyperparameters: Mapping[str, Any]) -> Dict[str, Any]:
@@ -82,7 +104,14 @@ class ImageClassifier(L.LightningModule):
         size = labels.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage != "train", batch_size=size, sync_dist=stage != "train")
         self.top1[f"{stage}_"](logits, labels)
-        self.log(f"{stage}/acc", self.top1[f"{stage}_"], prog_bar=True, batch_size=size, on_epoch=True, on_step=stage == "train")
+        self.log(
+            f"{stage}/acc",
+            self.top1[f"{stage}_"],
+            prog_bar=True,
+            batch_size=size,
+            on_epoch=True,
+            on_step=stage == "train",
+        )
         if f"{stage}_" in self.top5:
             self.top5[f"{stage}_"](logits, labels)
             self.log(f"{stage}/acc_top5", self.top5[f"{stage}_"], batch_size=size, on_epoch=True)

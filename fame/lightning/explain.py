@@ -49,7 +49,9 @@ class Indexed(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = self.dataset[index]
         if not isinstance(item, Mapping):
-            raise TypeError(f"explaining needs dataset items that are dicts with an 'id'; item {index} is a {type(item).__name__}")
+            raise TypeError(
+                f"explaining needs dataset items that are dicts with an 'id'; item {index} is a {type(item).__name__}"
+            )
         return {**item, "index": index}
 
 
@@ -61,8 +63,10 @@ class MissingRows(Subset):
 
     def __init__(self, dataset: Dataset, store: MapStore, methods: Sequence[str]):
         if len(dataset) != store.num_samples:
-            raise ValueError(f"the dataset has {len(dataset)} samples but the map store at {store.path} has "
-                             f"{store.num_samples} rows; explain the dataset the store was made for")
+            raise ValueError(
+                f"the dataset has {len(dataset)} samples but the map store at {store.path} has "
+                f"{store.num_samples} rows; explain the dataset the store was made for"
+            )
         missing = np.zeros(store.num_samples, dtype=bool)
         for method in methods:
             missing[store.missing_rows(method)] = True
@@ -131,8 +135,11 @@ def _stats_columns(stats: Any) -> Optional[Dict[str, np.ndarray]]:
     for name in STAT_NAMES:
         values = get(name)
         if values is not None:
-            columns[name] = (values.detach().float().cpu().numpy() if isinstance(values, Tensor)
-                             else np.asarray(values, dtype=np.float32))
+            columns[name] = (
+                values.detach().float().cpu().numpy()
+                if isinstance(values, Tensor)
+                else np.asarray(values, dtype=np.float32)
+            )
     return columns
 
 
@@ -165,8 +172,10 @@ class ExplainModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> ExplainedBatch:
         if "index" not in batch or "id" not in batch:
-            raise KeyError("explain batches need 'index' (wrap the dataset in fame.lightning.Indexed or MissingRows) "
-                           f"and 'id' (the dataset's sample ids); this batch has {sorted(batch)}")
+            raise KeyError(
+                "explain batches need 'index' (wrap the dataset in fame.lightning.Indexed or MissingRows) "
+                f"and 'id' (the dataset's sample ids); this batch has {sorted(batch)}"
+            )
         rows = batch["index"].cpu().numpy().astype(np.int64)
         result = ExplainedBatch()
         for method in self.methods:
@@ -189,18 +198,26 @@ class ExplainModule(L.LightningModule):
     def _collect(self, method: str, computed: Any, rows: np.ndarray, ids: List[str], result: ExplainedBatch) -> None:
         maps_by_output = getattr(computed, "maps", None)
         if not isinstance(maps_by_output, Mapping):
-            raise TypeError(f"method {method!r} must return a MethodResult (maps per output), got {type(computed).__name__}")
+            raise TypeError(
+                f"method {method!r} must return a MethodResult (maps per output), got {type(computed).__name__}"
+            )
         expected = self._entries[method]
         produced = [method if output == "" else f"{method}/{output}" for output in maps_by_output]
         if sorted(produced) != sorted(expected):
-            raise ValueError(f"method {method!r} made maps {produced}, but its store entries are {expected}; "
-                             "begin the method with the outputs it makes")
+            raise ValueError(
+                f"method {method!r} made maps {produced}, but its store entries are {expected}; "
+                "begin the method with the outputs it makes"
+            )
         stats_by_output = getattr(computed, "stats", None) or {}
         for (output, maps), entry in zip(maps_by_output.items(), produced):
             if maps.ndim != 4 or maps.shape[0] != len(rows) or maps.shape[1] != 1:
-                raise ValueError(f"method {method!r} returned maps of shape {tuple(maps.shape)} for {len(rows)} "
-                                 "samples; expected (B, 1, H, W)")
-            result.entries[entry] = EntryMaps(rows, ids, maps.detach().float().cpu(), _stats_columns(stats_by_output.get(output)))
+                raise ValueError(
+                    f"method {method!r} returned maps of shape {tuple(maps.shape)} for {len(rows)} "
+                    "samples; expected (B, 1, H, W)"
+                )
+            result.entries[entry] = EntryMaps(
+                rows, ids, maps.detach().float().cpu(), _stats_columns(stats_by_output.get(output))
+            )
 
 
 class EmptyMapWarning(UserWarning):
@@ -230,8 +247,10 @@ class MapWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.predict_loop.return_predictions:
-            raise ValueError("call trainer.predict(..., return_predictions=False) with a MapWriter: the maps are "
-                             "written to the store, and returning them would hold every map in memory")
+            raise ValueError(
+                "call trainer.predict(..., return_predictions=False) with a MapWriter: the maps are "
+                "written to the store, and returning them would hold every map in memory"
+            )
         if not isinstance(pl_module, ExplainModule):
             raise TypeError(f"MapWriter writes the results of an ExplainModule, not of {type(pl_module).__name__}")
         self._store = MapStore(self.store_path)
@@ -240,7 +259,9 @@ class MapWriter(BasePredictionWriter):
         self._write_seconds = 0.0
         self._started = time.perf_counter()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: ExplainedBatch, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: ExplainedBatch, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         start = time.perf_counter()
         for entry, part in prediction.entries.items():
             self._store.write(entry, part.rows, part.ids, part.maps, part.stats)
@@ -252,8 +273,11 @@ class MapWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._store.close()  # this rank's segment and index files are complete
         methods = list(self._seconds)
-        local = torch.tensor([[self._seconds[m], self._samples[m]] for m in methods] + [[self._write_seconds, 0.0]],
-                             dtype=torch.float64, device=pl_module.device)
+        local = torch.tensor(
+            [[self._seconds[m], self._samples[m]] for m in methods] + [[self._write_seconds, 0.0]],
+            dtype=torch.float64,
+            device=pl_module.device,
+        )
         gathered = trainer.strategy.all_gather(local)
         totals = (gathered.reshape(-1, *local.shape).sum(dim=0)).cpu()
         wall = time.perf_counter() - self._started
@@ -261,13 +285,21 @@ class MapWriter(BasePredictionWriter):
         if trainer.global_rank != 0:
             return
         timings = {
-            method: {"samples": int(totals[k, 1]), "seconds": round(float(totals[k, 0]), 4),
-                     "ms_per_sample": round(1000 * float(totals[k, 0]) / max(int(totals[k, 1]), 1), 3)}
+            method: {
+                "samples": int(totals[k, 1]),
+                "seconds": round(float(totals[k, 0]), 4),
+                "ms_per_sample": round(1000 * float(totals[k, 0]) / max(int(totals[k, 1]), 1), 3),
+            }
             for k, method in enumerate(methods)
         }
         for method, timing in timings.items():
-            log.info("%s: %d maps in %.1f s of compute (%.1f ms per sample, all ranks)",
-                     method, timing["samples"], timing["seconds"], timing["ms_per_sample"])
+            log.info(
+                "%s: %d maps in %.1f s of compute (%.1f ms per sample, all ranks)",
+                method,
+                timing["samples"],
+                timing["seconds"],
+                timing["ms_per_sample"],
+            )
         store = self._store
         empty = self._warn_empty_maps(store, [entry for method in methods for entry in store.outputs(method)])
         record = {
@@ -296,7 +328,10 @@ class MapWriter(BasePredictionWriter):
             warnings.warn(
                 f"{entry}: {len(empty)} of {len(stats)} maps are empty because FAME took no step (the loss started "
                 f"below epsilon), e.g. {', '.join(map(str, empty['id'][:5]))}. MapStore.read_stats({entry!r}) "
-                "lists them; report or exclude them when evaluating.", EmptyMapWarning, stacklevel=2)
+                "lists them; report or exclude them when evaluating.",
+                EmptyMapWarning,
+                stacklevel=2,
+            )
         return counts
 
 
@@ -321,6 +356,8 @@ class ExplainProgressBar(TQDMProgressBar):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._samples_done += len(batch["index"])
         bar = self.predict_progress_bar
-        if not bar.disable and (self.refresh_rate and (batch_idx + 1) % self.refresh_rate == 0 or self._samples_done == bar.total):
+        if not bar.disable and (
+            self.refresh_rate and (batch_idx + 1) % self.refresh_rate == 0 or self._samples_done == bar.total
+        ):
             bar.n = self._samples_done
             bar.refresh()

@@ -41,14 +41,24 @@ from .schedules import legacy_optimization, optimization, plain_specs
 #: Margin heads by the ``name`` of a head spec.
 HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "combined": CombinedMarginHead, "adaface": AdaFaceHead}
 #: arcface_torch's SGD: lr 0.1, momentum 0.9, weight decay 5e-4 on every parameter (``configs/module/face.yaml``).
-SGD = MappingProxyType({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9,
-                        "weight_decay": 5e-4})
+SGD = MappingProxyType(
+    {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+)
 #: arcface_torch's 2022 polynomial decay, power 2, per step (:func:`fame.lightning.schedules.polynomial`).
-POLYNOMIAL = MappingProxyType({"_target_": "fame.lightning.schedules.polynomial", "_partial_": True, "power": 2.0,
-                               "warmup_steps": 0})
+POLYNOMIAL = MappingProxyType(
+    {"_target_": "fame.lightning.schedules.polynomial", "_partial_": True, "power": 2.0, "warmup_steps": 0}
+)
 #: The metrics logged per verification set, as ``<stage>/<set>/<name>``.
 SET_METRICS = (
-    "acc", "acc_std", "eer", "eer_threshold", "tar_at_far", "kfold_val_at_far", "kfold_val_std", "kfold_far", "pairs"
+    "acc",
+    "acc_std",
+    "eer",
+    "eer_threshold",
+    "tar_at_far",
+    "kfold_val_at_far",
+    "kfold_val_std",
+    "kfold_far",
+    "pairs",
 )
 
 
@@ -135,8 +145,9 @@ class VerificationPairs(Metric):
     def compute(self) -> tuple[Tensor, Tensor]:
         if isinstance(self.keys, list) and not self.keys:  # no pairs in any process
             return torch.zeros(0, device=self.device), torch.zeros(0, dtype=torch.bool, device=self.device)
-        keys, positions, scores, labels = (dim_zero_cat(state) for state in
-                                           (self.keys, self.positions, self.scores, self.labels))
+        keys, positions, scores, labels = (
+            dim_zero_cat(state) for state in (self.keys, self.positions, self.scores, self.labels)
+        )
         order = torch.sort(positions.long(), stable=True).indices  # the cat keeps the ranks in order
         keys, scores, labels = keys.long()[order], scores[order], labels.long()[order]
         unique_keys, inverse = torch.unique(keys, return_inverse=True)
@@ -210,16 +221,30 @@ class FaceRecognizer(L.LightningModule):
         self._pairs: Dict[int, VerificationPairs] = {}
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
-                             strict: Optional[bool] = None, *, trust: bool = False, named_targets: Iterable[str] = (),
-                             **hyperparameters: Any) -> "FaceRecognizer":
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        strict: Optional[bool] = None,
+        *,
+        trust: bool = False,
+        named_targets: Iterable[str] = (),
+        **hyperparameters: Any,
+    ) -> FaceRecognizer:
         """A FaceRecognizer from a Lightning checkpoint, which is data: read with
         ``torch.load(weights_only=True)``, its backbone and head specs built only when they name
         the project's builders or ``named_targets`` (see
         :func:`fame.lightning.checkpoints.load_module_checkpoint`); ``trust=True`` for a file you
         made yourself. ``hyperparameters`` replace the file's."""
-        return load_module_checkpoint(cls, checkpoint_path, trust=trust, named_targets=named_targets,
-                                      map_location=map_location, strict=strict, **hyperparameters)
+        return load_module_checkpoint(
+            cls,
+            checkpoint_path,
+            trust=trust,
+            named_targets=named_targets,
+            map_location=map_location,
+            strict=strict,
+            **hyperparameters,
+        )
 
     @staticmethod
     def hyperparameters_from_checkpoint(hyperparameters: Mapping[str, Any]) -> Dict[str, Any]:
@@ -377,8 +402,9 @@ class FaceRecognizer(L.LightningModule):
         return export_state_dict(self.embedder, path)
 
 
-def load_face_recognizer(checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu", *,
-                         trust: bool = False) -> FaceRecognizer:
+def load_face_recognizer(
+    checkpoint: str | os.PathLike, map_location: Optional[str] = "cpu", *, trust: bool = False
+) -> FaceRecognizer:
     """A FaceRecognizer from a Lightning checkpoint, loaded with ``weights_only=True`` (see
     :meth:`FaceRecognizer.load_from_checkpoint`)."""
     return FaceRecognizer.load_from_checkpoint(checkpoint, map_location=map_location, trust=trust)

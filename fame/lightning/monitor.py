@@ -85,8 +85,6 @@ class Probe:
     masks: Dict[str, Tensor] = field(default_factory=dict)
 
 
-
-
 def rank_correlation(current: np.ndarray, previous: np.ndarray) -> float:
     """Spearman's rho of two maps' pixels (ties get average ranks); NaN when either map is constant."""
     current, previous = current.astype(np.float64).ravel(), previous.astype(np.float64).ravel()
@@ -162,7 +160,9 @@ class ExplanationMonitor(L.Callback):
             raise ValueError(f"removal_fraction must be in (0, 1], got {removal_fraction!r}")
         fractions = [float(f) for f in deletion_fractions]
         if len(fractions) < 2 or fractions != sorted(fractions) or not 0.0 <= fractions[0] <= fractions[-1] <= 1.0:
-            raise ValueError(f"deletion_fractions must be at least two increasing values in [0, 1], got {deletion_fractions!r}")
+            raise ValueError(
+                f"deletion_fractions must be at least two increasing values in [0, 1], got {deletion_fractions!r}"
+            )
         self.num_probes = int(num_probes)
         self.probe_ids = [str(i) for i in probe_ids] if probe_ids is not None else None
         self.every_n_epochs = int(every_n_epochs)
@@ -204,8 +204,13 @@ class ExplanationMonitor(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(num_probes=self.num_probes, probe_ids=self.probe_ids,
-                                        every_n_epochs=self.every_n_epochs, baseline=self.baseline, dirpath=self.dirpath)
+        return self._generate_state_key(
+            num_probes=self.num_probes,
+            probe_ids=self.probe_ids,
+            every_n_epochs=self.every_n_epochs,
+            baseline=self.baseline,
+            dirpath=self.dirpath,
+        )
 
     def state_dict(self) -> Dict[str, Any]:
         return {"history": self.history, "previous_maps": self.previous_maps}
@@ -243,7 +248,9 @@ class ExplanationMonitor(L.Callback):
         ordered = [by_id[probe.id] for probe in probes]
         metrics = self.summarize(ordered)
         explained = [[result["id"], result["rank"]] for result in results]
-        self.previous_maps = {method: {r["id"]: torch.from_numpy(r["maps"][method]) for r in ordered} for method in self.methods}
+        self.previous_maps = {
+            method: {r["id"]: torch.from_numpy(r["maps"][method]) for r in ordered} for method in self.methods
+        }
         if trainer.is_global_zero:
             grid = self.save_grid(Path(log_dir) / "monitor" / f"epoch_{epoch:03d}.png", probes, ordered)
         metrics["monitor/seconds"] = time.perf_counter() - start
@@ -283,7 +290,9 @@ class ExplanationMonitor(L.Callback):
                     break
         absent = [sample_id for sample_id in wanted if sample_id not in found]
         if absent:
-            raise KeyError(f"ExplanationMonitor: probe ids {absent} are not in the validation dataset ({len(dataset)} samples)")
+            raise KeyError(
+                f"ExplanationMonitor: probe ids {absent} are not in the validation dataset ({len(dataset)} samples)"
+            )
         return [found[sample_id] for sample_id in wanted]
 
     def read_probe(self, item: Mapping[str, Any], position: int) -> Probe:
@@ -303,21 +312,23 @@ class ExplanationMonitor(L.Callback):
         images = torch.stack([probe.image for probe in probes]).to(device)
         ids = [probe.id for probe in probes]
         other, shown = task.monitor_inputs(model, probes, self.target, device)
-        results: List[Dict[str, Any]] = [
-            {"id": probe.id, "maps": {}, "scores": {}} for probe in probes
-        ]
+        results: List[Dict[str, Any]] = [{"id": probe.id, "maps": {}, "scores": {}} for probe in probes]
         for method in self.methods:
             options = task.monitor_options(self.fame_options, self.loss) if method == "fame" else {}
             maps = task.method(method)(model, images, other, ids=ids, **options).maps[task.monitored_output].float()
             scores = self.score(model, images, other, maps, probes)
             for k, result in enumerate(results):
                 result["maps"][method] = maps[k, 0].cpu().numpy().astype(np.float16)
-                result["scores"].update({f"monitor/{method}/{name}": float(values[k]) for name, values in scores.items()})
+                result["scores"].update(
+                    {f"monitor/{method}/{name}": float(values[k]) for name, values in scores.items()}
+                )
         for result, values in zip(results, shown):
             result.update(values)
         return results
 
-    def score(self, model: nn.Module, images: Tensor, other: Tensor, maps: Tensor, probes: List[Probe]) -> Dict[str, Tensor]:
+    def score(
+        self, model: nn.Module, images: Tensor, other: Tensor, maps: Tensor, probes: List[Probe]
+    ) -> Dict[str, Tensor]:
         """Per-probe scores (name -> (B,)) of one method's maps; NaN where a probe lacks a mask."""
         scores: Dict[str, Tensor] = {}
         for name in dict.fromkeys(name for probe in probes for name in probe.masks):
@@ -328,8 +339,9 @@ class ExplanationMonitor(L.Callback):
                 values[present] = function(maps[present], masks).float().cpu()
                 scores[f"{metric}/{name}"] = values
         with explaining(model), torch.no_grad():
-            scores.update(self._task.monitor_scores(model, images, other, maps, self.deletion_fractions,
-                                                    self.removal_fraction))
+            scores.update(
+                self._task.monitor_scores(model, images, other, maps, self.deletion_fractions, self.removal_fraction)
+            )
         return scores
 
     def gather(self, trainer: L.Trainer, local: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -353,7 +365,8 @@ class ExplanationMonitor(L.Callback):
             previous = self.previous_maps.get(method, {})
             rhos = [
                 rank_correlation(result["maps"][method], previous[result["id"]].numpy())
-                for result in results if result["id"] in previous
+                for result in results
+                if result["id"] in previous
             ]
             rhos = [rho for rho in rhos if not math.isnan(rho)]
             if rhos:
@@ -365,13 +378,13 @@ class ExplanationMonitor(L.Callback):
     def save_grid(self, path: Path, probes: List[Probe], results: List[Dict[str, Any]]) -> Path:
         """probes x [image with its evidence masks outlined, one overlay per method]."""
         titles = [self._task.probe_title(probe, result) for probe, result in zip(probes, results)]
-        outlines = [
-            torch.stack(list(probe.masks.values())).amax(dim=0) if probe.masks else None for probe in probes
-        ]
+        outlines = [torch.stack(list(probe.masks.values())).amax(dim=0) if probe.masks else None for probe in probes]
         return save_overlay_grid(
             [probe.image for probe in probes],
             {method: [result["maps"][method] for result in results] for method in self.methods},
-            path, row_titles=titles, masks=outlines if all(o is not None for o in outlines) else None,
+            path,
+            row_titles=titles,
+            masks=outlines if all(o is not None for o in outlines) else None,
         )
 
     def write_logs(self, trainer: L.Trainer, metrics: Dict[str, float], epoch: int, grid: Path) -> None:

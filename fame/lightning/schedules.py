@@ -50,8 +50,10 @@ def one_cycle(optimizer: Optimizer, total_steps: float, warmup_fraction: float =
     """One-cycle per step up to the optimizer's learning rate, warming up over ``warmup_fraction``
     of the run (torch's ``OneCycleLR``)."""
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
-        total_steps=_finite(total_steps, "one-cycle"), pct_start=warmup_fraction,
+        optimizer,
+        max_lr=[group["lr"] for group in optimizer.param_groups],
+        total_steps=_finite(total_steps, "one-cycle"),
+        pct_start=warmup_fraction,
     )
     return {"scheduler": schedule, "interval": "step"}
 
@@ -77,16 +79,21 @@ def plain_specs(optimizer: Any, scheduler: Any) -> Tuple[Dict[str, Any], Optiona
     """
     optimizer, scheduler = plain(optimizer), plain(scheduler)
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("_target_"), str):
-        raise ValueError("optimizer must be one of the specs of configs/module/optimizer/ (a mapping with a _target_ "
-                         f"such as torch.optim.SGD, called as optimizer(params)), got {optimizer!r}")
+        raise ValueError(
+            "optimizer must be one of the specs of configs/module/optimizer/ (a mapping with a _target_ "
+            f"such as torch.optim.SGD, called as optimizer(params)), got {optimizer!r}"
+        )
     if scheduler is not None and (not isinstance(scheduler, dict) or not isinstance(scheduler.get("_target_"), str)):
-        raise ValueError("scheduler must be None or one of the specs of configs/module/scheduler/ (a mapping with a "
-                         f"_target_ such as fame.lightning.schedules.cosine), got {scheduler!r}")
+        raise ValueError(
+            "scheduler must be None or one of the specs of configs/module/scheduler/ (a mapping with a "
+            f"_target_ such as fame.lightning.schedules.cosine), got {scheduler!r}"
+        )
     return optimizer, scheduler
 
 
-def optimization(module: L.LightningModule, optimizer: Mapping[str, Any],
-                 scheduler: Optional[Mapping[str, Any]]) -> Any:
+def optimization(
+    module: L.LightningModule, optimizer: Mapping[str, Any], scheduler: Optional[Mapping[str, Any]]
+) -> Any:
     """What ``configure_optimizers`` returns for a module's plain optimizer and scheduler specs
     (``_partial_`` nodes, ``configs/module/optimizer/`` and ``configs/module/scheduler/``): the
     optimizer over the trainable parameters, ``optimizer(params)``, and with a scheduler spec its
@@ -107,8 +114,11 @@ def legacy_optimization(hyperparameters: Mapping[str, Any], nesterov: bool) -> D
     name = hyperparameters.get("optimizer")
     if not isinstance(name, str):
         return {}
-    optimizer: Dict[str, Any] = {"_partial_": True, "lr": hyperparameters.get("lr"),
-                                 "weight_decay": hyperparameters.get("weight_decay")}
+    optimizer: Dict[str, Any] = {
+        "_partial_": True,
+        "lr": hyperparameters.get("lr"),
+        "weight_decay": hyperparameters.get("weight_decay"),
+    }
     if name == "sgd":
         optimizer.update(_target_="torch.optim.SGD", momentum=hyperparameters.get("momentum"))
         if nesterov:
@@ -125,6 +135,9 @@ def legacy_optimization(hyperparameters: Mapping[str, Any], nesterov: bool) -> D
     if schedule not in options:  # "constant"
         return {"optimizer": optimizer, "scheduler": None}
     builder, keys = options[schedule]
-    scheduler = {"_target_": f"{__name__}.{builder}", "_partial_": True,
-                 **{key: hyperparameters[key] for key in keys if key in hyperparameters}}
+    scheduler = {
+        "_target_": f"{__name__}.{builder}",
+        "_partial_": True,
+        **{key: hyperparameters[key] for key in keys if key in hyperparameters},
+    }
     return {"optimizer": optimizer, "scheduler": scheduler}

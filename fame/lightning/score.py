@@ -44,8 +44,10 @@ class ScoreModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> List[Row]:
         if "index" not in batch or "id" not in batch:
-            raise KeyError("scoring batches need 'index' (wrap the dataset in fame.lightning.Indexed) and 'id' "
-                           f"(the dataset's sample ids); this batch has {sorted(batch)}")
+            raise KeyError(
+                "scoring batches need 'index' (wrap the dataset in fame.lightning.Indexed) and 'id' "
+                f"(the dataset's sample ids); this batch has {sorted(batch)}"
+            )
         return self.score_batch(batch)
 
 
@@ -67,19 +69,24 @@ class ScoreWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.predict_loop.return_predictions:
-            raise ValueError("call trainer.predict(..., return_predictions=False) with a ScoreWriter: the rows are "
-                             "written to its folder, and returning them would hold them twice")
+            raise ValueError(
+                "call trainer.predict(..., return_predictions=False) with a ScoreWriter: the rows are "
+                "written to its folder, and returning them would hold them twice"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._file = open(self.part(trainer.global_rank), "w")
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: List[Row], batch_indices, batch: Batch, batch_idx,
-                           dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: List[Row], batch_indices, batch: Batch, batch_idx, dataloader_idx
+    ) -> None:
         index_of = {str(sample_id): int(index) for sample_id, index in zip(batch["id"], batch["index"].tolist())}
         rows_of: Dict[int, List[Row]] = {index: [] for index in index_of.values()}
         for row in prediction:
             if row["sample_id"] not in index_of:
-                raise ValueError(f"score_batch returned a row of sample {row['sample_id']!r}, which is not in the "
-                                 f"batch (ids {list(index_of)})")
+                raise ValueError(
+                    f"score_batch returned a row of sample {row['sample_id']!r}, which is not in the "
+                    f"batch (ids {list(index_of)})"
+                )
             rows_of[index_of[row["sample_id"]]].append(row)
         for index, rows in rows_of.items():
             self._file.write(json.dumps({"index": index, "rows": rows}) + "\n")

@@ -68,7 +68,9 @@ def _check_targets(targets: Tensor, num_samples: int, name: str = "targets") -> 
     """Class indices (B,) as a long tensor; any other shape is refused with the expected one."""
     targets = torch.as_tensor(targets)
     if targets.dim() != 1 or targets.shape[0] != num_samples:
-        raise ValueError(f"{name} must hold one class index per image, shape ({num_samples},), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"{name} must hold one class index per image, shape ({num_samples},), got {tuple(targets.shape)}"
+        )
     if targets.is_floating_point() and not torch.equal(targets, targets.round()):
         raise ValueError(f"{name} must be integer class indices, got {targets.tolist()[:8]}")
     return targets.long()
@@ -333,11 +335,15 @@ def verification_curve(
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if galleries.shape != probes.shape:
-        raise ValueError(f"galleries and probes must have the same shape, got {tuple(galleries.shape)} and {tuple(probes.shape)}")
+        raise ValueError(
+            f"galleries and probes must have the same shape, got {tuple(galleries.shape)} and {tuple(probes.shape)}"
+        )
     maps = _check_maps(probes, maps)
     same = torch.as_tensor(same).to(probes.device)
     if same.dim() != 1 or same.shape[0] != probes.shape[0]:
-        raise ValueError(f"same must hold one genuine/impostor flag per pair, shape ({probes.shape[0]},), got {tuple(same.shape)}")
+        raise ValueError(
+            f"same must hold one genuine/impostor flag per pair, shape ({probes.shape[0]},), got {tuple(same.shape)}"
+        )
     same = same.bool()
     chunk = probes.shape[0] if batch_size is None else int(batch_size)
     with torch.no_grad():

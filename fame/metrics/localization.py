@@ -68,7 +68,9 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: Union[float, str] = 0.
 def class_mean(scores: Tensor, labels: Tensor) -> Tensor:
     """Mean of the per-class means of ``scores`` (N,) grouped by ``labels`` (N,) (Zhang et al.'s averaging)."""
     classes, inverse = torch.unique(labels, return_inverse=True)
-    sums = torch.zeros(classes.numel(), dtype=torch.float64, device=scores.device).index_add_(0, inverse, scores.double())
+    sums = torch.zeros(classes.numel(), dtype=torch.float64, device=scores.device).index_add_(
+        0, inverse, scores.double()
+    )
     counts = torch.bincount(inverse, minlength=classes.numel())
     return (sums / counts).mean().to(scores.dtype)
 
@@ -98,7 +100,9 @@ def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
     ranked_hits = hits.gather(1, order).float()
     rank = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
     top = (rank < sizes.unsqueeze(1)).float()
-    return torch.where(sizes > 0, (ranked_hits * top).sum(dim=1) / sizes.clamp(min=1), torch.zeros_like(sizes, dtype=values.dtype))
+    return torch.where(
+        sizes > 0, (ranked_hits * top).sum(dim=1) / sizes.clamp(min=1), torch.zeros_like(sizes, dtype=values.dtype)
+    )
 
 
 def top_k_intersection(maps: Tensor, masks: Tensor, k: int) -> Tensor:
@@ -149,7 +153,12 @@ def boxes_to_masks(boxes: Union[Tensor, Sequence[Tensor]], size: Tuple[int, int]
         ys = torch.arange(height, device=sample_boxes.device, dtype=torch.float32) + 0.5
         xs = torch.arange(width, device=sample_boxes.device, dtype=torch.float32) + 0.5
         x0, y0, x1, y1 = (sample_boxes[:, i].view(-1, 1, 1) for i in range(4))
-        inside = (ys.view(1, -1, 1) >= y0) & (ys.view(1, -1, 1) <= y1) & (xs.view(1, 1, -1) >= x0) & (xs.view(1, 1, -1) <= x1)
+        inside = (
+            (ys.view(1, -1, 1) >= y0)
+            & (ys.view(1, -1, 1) <= y1)
+            & (xs.view(1, 1, -1) >= x0)
+            & (xs.view(1, 1, -1) <= x1)
+        )
         masks.append(inside.any(dim=0, keepdim=True).float())
     return torch.stack(masks)
 

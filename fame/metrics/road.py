@@ -58,9 +58,11 @@ _COARSEST_STEPS = 16
 
 def _neighbour_kernel(channels: int, dtype, device) -> Tensor:
     kernel = torch.tensor(
-        [[DIAGONAL_WEIGHT, DIRECT_WEIGHT, DIAGONAL_WEIGHT],
-         [DIRECT_WEIGHT, 0.0, DIRECT_WEIGHT],
-         [DIAGONAL_WEIGHT, DIRECT_WEIGHT, DIAGONAL_WEIGHT]],
+        [
+            [DIAGONAL_WEIGHT, DIRECT_WEIGHT, DIAGONAL_WEIGHT],
+            [DIRECT_WEIGHT, 0.0, DIRECT_WEIGHT],
+            [DIAGONAL_WEIGHT, DIRECT_WEIGHT, DIAGONAL_WEIGHT],
+        ],
         dtype=dtype,
         device=device,
     )
@@ -89,7 +91,7 @@ class _Level:
         self.diagonal = full(unknown * in_image_weights)  # sum of the in-image neighbour weights
         self.jacobi_scale = full(unknown / in_image_weights)
 
-    def select(self, images: Tensor) -> "_Level":
+    def select(self, images: Tensor) -> _Level:
         chosen = object.__new__(_Level)
         chosen.kernel = self.kernel
         for name in ("unknown", "diagonal", "jacobi_scale"):
@@ -351,8 +353,11 @@ def road_curve(
         for fraction, count in zip(fractions.tolist(), counts):
             noise = None
             if imputation == "linear" and noise_std != 0 and count > 0:
-                noise = (_keyed_noise(noise_seeds, 100 * fraction, images.shape, images.dtype) if noise_seeds is not None
-                         else _draw_noise(images.shape, generator, images.dtype))
+                noise = (
+                    _keyed_noise(noise_seeds, 100 * fraction, images.shape, images.dtype)
+                    if noise_seeds is not None
+                    else _draw_noise(images.shape, generator, images.dtype)
+                )
                 noise = noise_std * noise.to(images.device)
             level = []
             for start in range(0, num_samples, chunk):
@@ -361,7 +366,9 @@ def road_curve(
                 if count == 0:
                     perturbed = images[part]
                 elif imputation == "zero":
-                    perturbed = torch.where(removed, torch.zeros((), dtype=images.dtype, device=images.device), images[part])
+                    perturbed = torch.where(
+                        removed, torch.zeros((), dtype=images.dtype, device=images.device), images[part]
+                    )
                 else:
                     perturbed, _ = solve_linear_imputation(images[part], removed, tol=tol)
                     if noise is not None:
@@ -376,4 +383,3 @@ def road_curve(
         probability=logits.softmax(dim=2).gather(2, index).squeeze(2),
         correct=(logits.argmax(dim=2) == targets.view(-1, 1)).float(),
     )
-

@@ -30,13 +30,14 @@ import torch
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
-
 #: Ways of randomizing a cascade step (module docstring).
 RANDOMIZATIONS = ("reinit", "redraw")
 #: Score names of the cascade (Spearman, SSIM) per randomization: re-initialisation keeps the plain
 #: names, the redraw is named, so scores name their protocol.
-RANDOMIZATION_METRICS = {"reinit": ("sanity_spearman", "sanity_ssim"),
-                         "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim")}
+RANDOMIZATION_METRICS = {
+    "reinit": ("sanity_spearman", "sanity_ssim"),
+    "redraw": ("sanity_redraw_spearman", "sanity_redraw_ssim"),
+}
 
 
 @dataclass
@@ -206,8 +207,10 @@ def cascading_randomization(
     layers = list(parameterized_layers(randomized) if layers is None else layers)
     unknown = [name for name in layers if name not in modules]
     if unknown:
-        raise ValueError(f"layers {unknown} are not modules of the model; pick blocks from layer_blocks(model) "
-                         f"{layer_blocks(randomized)} or leaves from parameterized_layers(model)")
+        raise ValueError(
+            f"layers {unknown} are not modules of the model; pick blocks from layer_blocks(model) "
+            f"{layer_blocks(randomized)} or leaves from parameterized_layers(model)"
+        )
     original = explain_fn(randomized, images, targets).detach()  # the copy, still intact
     spearman, ssim = [], []
     for name in layers:

@@ -25,15 +25,19 @@ ROAD_IMPUTATIONS = ("zero", "linear")
 DELETION_SUFFIXES = {"fame": "", "rise": "_rise"}
 
 
-def score_rows(method: str, metric: str, levels: Sequence[Any], values: Tensor,
-               ids: Sequence[str]) -> List[Dict[str, Any]]:
+def score_rows(
+    method: str, metric: str, levels: Sequence[Any], values: Tensor, ids: Sequence[str]
+) -> List[Dict[str, Any]]:
     """Long-table rows of per-sample values (B,) or curves (B, L) at ``levels``."""
     values = values.detach().double().cpu()
     if values.dim() == 1:
         values = values.unsqueeze(1)
         levels = [np.nan]
-    return [{"method": method, "metric": metric, "level": float(level), "value": float(values[b, k]), "sample_id": sid}
-            for b, sid in enumerate(ids) for k, level in enumerate(levels)]
+    return [
+        {"method": method, "metric": metric, "level": float(level), "value": float(values[b, k]), "sample_id": sid}
+        for b, sid in enumerate(ids)
+        for k, level in enumerate(levels)
+    ]
 
 
 def sample_seeds(seed: int, ids: Sequence[str]) -> Tensor:
@@ -42,8 +46,15 @@ def sample_seeds(seed: int, ids: Sequence[str]) -> Tensor:
     return torch.tensor([zlib.crc32(f"{seed}/{sample_id}".encode()) for sample_id in ids], dtype=torch.long)
 
 
-def localization_rows(entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequence[str], side: Optional[str],
-                      mask_keys: Sequence[str], metrics: Sequence[str]) -> List[Dict[str, Any]]:
+def localization_rows(
+    entry: str,
+    maps: Tensor,
+    batch: Dict[str, Any],
+    ids: Sequence[str],
+    side: Optional[str],
+    mask_keys: Sequence[str],
+    metrics: Sequence[str],
+) -> List[Dict[str, Any]]:
     """``metrics`` of :data:`LOCALIZATION_METRICS` against each evidence mask of ``mask_keys`` the
     batch holds (``<side>_<key>`` for one side of a pair); the first mask's metrics keep their plain
     names, the others get ``@<key>``."""
@@ -62,37 +73,78 @@ def localization_rows(entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequ
     return rows
 
 
-def classification_rows(model: nn.Module, entry: str, maps: Tensor, images: Tensor, targets: Tensor,
-                        ids: Sequence[str], *, families: Sequence[str], road_percentages: Sequence[float],
-                        road_orders: Sequence[str], road_imputations: Sequence[str], deletion_protocol: str,
-                        deletion_fractions: Sequence[float], batch_size: int, seed: int) -> List[Dict[str, Any]]:
+def classification_rows(
+    model: nn.Module,
+    entry: str,
+    maps: Tensor,
+    images: Tensor,
+    targets: Tensor,
+    ids: Sequence[str],
+    *,
+    families: Sequence[str],
+    road_percentages: Sequence[float],
+    road_orders: Sequence[str],
+    road_imputations: Sequence[str],
+    deletion_protocol: str,
+    deletion_fractions: Sequence[float],
+    batch_size: int,
+    seed: int,
+) -> List[Dict[str, Any]]:
     """ROAD (``families`` holds "road") and deletion / insertion ("deletion") rows of a classifier's maps."""
     rows: List[Dict[str, Any]] = []
     if "road" in families:
         percentages = list(road_percentages)
         for order in road_orders:
             for imputation in road_imputations:
-                curves = road_curve(model, images, maps, targets, percentages, ROAD_ORDERS[order], imputation,
-                                    batch_size=batch_size, noise_seeds=sample_seeds(seed, ids))
+                curves = road_curve(
+                    model,
+                    images,
+                    maps,
+                    targets,
+                    percentages,
+                    ROAD_ORDERS[order],
+                    imputation,
+                    batch_size=batch_size,
+                    noise_seeds=sample_seeds(seed, ids),
+                )
                 name = f"road_{order}_{imputation}"
                 rows += score_rows(entry, f"{name}_logit_drop", percentages, curves.logit_drop, ids)
                 rows += score_rows(entry, f"{name}_probability", percentages, curves.probability, ids)
                 rows += score_rows(entry, f"{name}_accuracy", percentages, curves.correct, ids)
     if "deletion" in families:
-        fractions = (list(deletion_fractions) if deletion_protocol == "fame"
-                     else list(rise_fractions(*images.shape[-2:])))
+        fractions = (
+            list(deletion_fractions) if deletion_protocol == "fame" else list(rise_fractions(*images.shape[-2:]))
+        )
         mean = getattr(model, "mean", None)  # the colour the model's input normalization maps to 0
         for mode in ("deletion", "insertion"):
-            curve = deletion_curve(model, images, maps, targets, fractions, mode, batch_size=batch_size,
-                                   substrate=deletion_protocol, mean=mean if isinstance(mean, Tensor) else None)
+            curve = deletion_curve(
+                model,
+                images,
+                maps,
+                targets,
+                fractions,
+                mode,
+                batch_size=batch_size,
+                substrate=deletion_protocol,
+                mean=mean if isinstance(mean, Tensor) else None,
+            )
             name = mode + DELETION_SUFFIXES[deletion_protocol]
             rows += score_rows(entry, name, fractions, curve, ids)
             rows += score_rows(entry, f"{name}_auc", [], curve_auc(curve, fractions), ids)
     return rows
 
 
-def verification_rows(model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any], threshold: float,
-                      ids: Sequence[str], *, percentages: Sequence[float], batch_size: int) -> List[Dict[str, Any]]:
+def verification_rows(
+    model: nn.Module,
+    entry: str,
+    maps: Tensor,
+    batch: Dict[str, Any],
+    threshold: float,
+    ids: Sequence[str],
+    *,
+    percentages: Sequence[float],
+    batch_size: int,
+) -> List[Dict[str, Any]]:
     """Tab. 2: only the probe is perturbed, its top P% e+ pixels removed (deletion) or kept (insertion);
     per pair: correct at the fixed EER threshold. The AUC of the accuracy curve is the mean of the
     per-pair AUCs (the trapezoid rule is linear), so per-pair rows bootstrap correctly."""
@@ -100,8 +152,9 @@ def verification_rows(model: nn.Module, entry: str, maps: Tensor, batch: Dict[st
     same = torch.as_tensor(batch["same"], device=maps.device)
     rows: List[Dict[str, Any]] = []
     for mode in ("deletion", "insertion"):
-        curve = verification_curve(model, batch["gallery"], batch["probe"], same, maps, threshold, percentages,
-                                   mode, batch_size=batch_size)
+        curve = verification_curve(
+            model, batch["gallery"], batch["probe"], same, maps, threshold, percentages, mode, batch_size=batch_size
+        )
         rows += score_rows(entry, f"verification_{mode}", percentages, curve.correct, ids)
         auc = 100 * curve_auc(curve.correct, [p / 100 for p in percentages])
         rows += score_rows(entry, f"verification_{mode}_auc", [], auc, ids)
@@ -124,21 +177,43 @@ class Scoring:
     batch_size: int
     seed: int
 
-    def localization_rows(self, entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequence[str],
-                          side: Optional[str]) -> List[Dict[str, Any]]:
+    def localization_rows(
+        self, entry: str, maps: Tensor, batch: Dict[str, Any], ids: Sequence[str], side: Optional[str]
+    ) -> List[Dict[str, Any]]:
         if "localization" not in self.families:
             return []
         return localization_rows(entry, maps, batch, ids, side, self.mask_keys, self.localization_metrics)
 
-    def classification_rows(self, model: nn.Module, entry: str, maps: Tensor, images: Tensor, targets: Tensor,
-                            ids: Sequence[str]) -> List[Dict[str, Any]]:
-        return classification_rows(model, entry, maps, images, targets, ids, families=self.families,
-                                   road_percentages=self.road_percentages, road_orders=self.road_orders,
-                                   road_imputations=self.road_imputations, deletion_protocol=self.deletion_protocol,
-                                   deletion_fractions=self.deletion_fractions, batch_size=self.batch_size,
-                                   seed=self.seed)
+    def classification_rows(
+        self, model: nn.Module, entry: str, maps: Tensor, images: Tensor, targets: Tensor, ids: Sequence[str]
+    ) -> List[Dict[str, Any]]:
+        return classification_rows(
+            model,
+            entry,
+            maps,
+            images,
+            targets,
+            ids,
+            families=self.families,
+            road_percentages=self.road_percentages,
+            road_orders=self.road_orders,
+            road_imputations=self.road_imputations,
+            deletion_protocol=self.deletion_protocol,
+            deletion_fractions=self.deletion_fractions,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
-    def verification_rows(self, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any],
-                          threshold: float, ids: Sequence[str]) -> List[Dict[str, Any]]:
-        return verification_rows(model, entry, maps, batch, threshold, ids,
-                                 percentages=self.verification_percentages, batch_size=self.batch_size)
+    def verification_rows(
+        self, model: nn.Module, entry: str, maps: Tensor, batch: Dict[str, Any], threshold: float, ids: Sequence[str]
+    ) -> List[Dict[str, Any]]:
+        return verification_rows(
+            model,
+            entry,
+            maps,
+            batch,
+            threshold,
+            ids,
+            percentages=self.verification_percentages,
+            batch_size=self.batch_size,
+        )

@@ -1,7 +1,13 @@
 """Model zoo: classifiers, face backbones, margin heads and checkpoint loaders."""
-from .cnn import SmallCNN
+
 from .adaface import ADAFACE_LAYERS, AdaFaceIR, BasicBlockIR, adaface_ir
-from .checkpoints import UntrustedCheckpointError, load_checkpoint, load_state_dict_strictly, state_dict_in, strip_prefix
+from .checkpoints import (
+    UntrustedCheckpointError,
+    load_checkpoint,
+    load_state_dict_strictly,
+    state_dict_in,
+    strip_prefix,
+)
 from .classifiers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -12,6 +18,7 @@ from .classifiers import (
     finetune_classifier,
     replace_head,
 )
+from .cnn import SmallCNN
 from .face import FaceEmbedder, build_face_model, face_arch_names, guess_face_arch
 from .heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet

@@ -87,9 +87,7 @@ def load_state_dict_strictly(
     wrong_shapes = [
         f"{key} (expected {tuple(own[key].shape)}, file has {tuple(state_dict[key].shape)})"
         for key in own
-        if key in state_dict
-        and isinstance(state_dict[key], torch.Tensor)
-        and state_dict[key].shape != own[key].shape
+        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != own[key].shape
     ]
     not_tensors = [key for key in own if key in state_dict and not isinstance(state_dict[key], torch.Tensor)]
     problems = []

@@ -186,7 +186,9 @@ def _build_classifier(
                 f"{name} weights {str(weights)!r} are neither a file nor a torchvision weights name "
                 f"(choose from {', '.join(weights_enum.__members__)} or DEFAULT)."
             )
-        state_dict = state_dict_in(load_checkpoint(path, trust=trust), source=str(path), wrappers=("model", "state_dict"))
+        state_dict = state_dict_in(
+            load_checkpoint(path, trust=trust), source=str(path), wrappers=("model", "state_dict")
+        )
         load_state_dict_strictly(
             net,
             strip_prefix(state_dict, "module."),
@@ -249,7 +251,8 @@ def replace_head(classifier: Classifier, num_classes: int, seed: int = 0) -> Cla
     return classifier
 
 
-def finetune_classifier(name: str, num_classes: int, weights: str | os.PathLike | None = "DEFAULT", seed: int = 0,
-                        **options) -> Classifier:
+def finetune_classifier(
+    name: str, num_classes: int, weights: str | os.PathLike | None = "DEFAULT", seed: int = 0, **options
+) -> Classifier:
     """Classifier ``name`` with pretrained ``weights`` and a new ``num_classes``-way head (see replace_head)."""
     return replace_head(build_classifier(name, weights, **options), num_classes, seed=seed)

@@ -126,7 +126,10 @@ def efficientnet_lite_net(
     if "_conv_stem.weight" in state_dict:
         state_dict = timm_keys_from_reference(state_dict, net)
     load_state_dict_strictly(
-        net, state_dict, source=str(path), expected=f"timm {variant.timm_name} with {num_classes} classes",
+        net,
+        state_dict,
+        source=str(path),
+        expected=f"timm {variant.timm_name} with {num_classes} classes",
         hint="Pass num_classes= for a head of another size.",
     )
     return net

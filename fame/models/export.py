@@ -35,7 +35,9 @@ def export_state_dict(embedder: FaceEmbedder, path: str | os.PathLike) -> Path:
     if not isinstance(embedder, FaceEmbedder):
         raise TypeError(f"expected a fame.models.FaceEmbedder, got {type(embedder).__name__}")
     if embedder.arch == "onnx":
-        raise ValueError("an embedder converted from ONNX has no build_face_model layout to save; export it with export_onnx")
+        raise ValueError(
+            "an embedder converted from ONNX has no build_face_model layout to save; export it with export_onnx"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().cpu().clone() for key, value in embedder.net.state_dict().items()}
@@ -87,8 +89,10 @@ def export_onnx(
     """
     if not isinstance(embedder, FaceEmbedder):
         raise TypeError(f"expected a fame.models.FaceEmbedder, got {type(embedder).__name__}")
-    height, width = embedder.input_size if image_size is None else (
-        (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    height, width = (
+        embedder.input_size
+        if image_size is None
+        else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
     )
     if (height, width) != embedder.input_size:
         raise ValueError(

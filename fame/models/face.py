@@ -138,9 +138,7 @@ def _adaface_backbone(content: object, source: str) -> dict[str, Tensor]:
     state_dict = state_dict_in(content, source=source, wrappers=("state_dict",))
     if not any(key.startswith("model.") for key in state_dict):
         return strip_prefix(state_dict, "module.")
-    return {
-        key.removeprefix("model."): value for key, value in state_dict.items() if not key.startswith("head.")
-    }
+    return {key.removeprefix("model."): value for key, value in state_dict.items() if not key.startswith("head.")}
 
 
 def build_face_model(

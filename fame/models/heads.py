@@ -32,9 +32,13 @@ class _CosineHead(nn.Module):
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"expected embeddings of shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"expected one label per embedding, shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected one label per embedding, shape ({embeddings.shape[0]},), got {tuple(labels.shape)}"
+            )
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}"
+            )
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cosine = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
         cosine = cosine.clamp(-1 + self.eps, 1 - self.eps)

@@ -43,7 +43,9 @@ def _inline_constant_identities(graph: onnx.GraphProto) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     aliases = [node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers]
     for node in aliases:
-        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]), node.output[0]))
+        graph.initializer.append(
+            numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]), node.output[0])
+        )
         graph.node.remove(node)
 
 
@@ -65,7 +67,9 @@ def load_onnx_backbone(path: str | os.PathLike) -> OnnxBackbone:
         import onnx
         from onnx2torch import convert
     except ImportError as error:
-        raise ImportError(f"Loading ONNX face models needs onnx and onnx2torch: pip install onnx onnx2torch ({error})") from error
+        raise ImportError(
+            f"Loading ONNX face models needs onnx and onnx2torch: pip install onnx onnx2torch ({error})"
+        ) from error
 
     path = Path(path)
     if not path.is_file():
@@ -87,4 +91,3 @@ def load_onnx_backbone(path: str | os.PathLike) -> OnnxBackbone:
     _inline_constant_identities(graph)
     net = convert(model).eval()
     return OnnxBackbone(net=net, input_size=input_size, baked_normalization=baked)
-

@@ -73,4 +73,3 @@ def target_layer(model: nn.Module) -> nn.Module:
         "explainer.<method>.layer=<name> in explain.py, model.target_layer=<name> for a build_classifier model, "
         "or the layer argument in Python. Transformers (ViT, Swin, MaxViT) have no such layer without a reshape."
     )
-

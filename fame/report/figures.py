@@ -23,7 +23,7 @@ RANDOMIZATION_LABELS = {"reinit": "layers re-initialised", "redraw": "layers red
 
 
 def _band(axis, x, row_means, lows, highs, label) -> None:
-    line, = axis.plot(x, row_means, marker="o", markersize=3, linewidth=1.4, label=label)
+    (line,) = axis.plot(x, row_means, marker="o", markersize=3, linewidth=1.4, label=label)
     axis.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
@@ -44,8 +44,9 @@ def _panel_grid(count: int):
     return figure, figure.subplots(rows, columns, squeeze=False)
 
 
-def plot_curves(summary: pd.DataFrame, metric_prefix: str, path: Union[str, Path],
-                methods: Optional[Sequence[str]] = None) -> Path:
+def plot_curves(
+    summary: pd.DataFrame, metric_prefix: str, path: Union[str, Path], methods: Optional[Sequence[str]] = None
+) -> Path:
     """PNG of every curve metric whose name starts with ``metric_prefix``: one panel per metric.
 
     x = level, y = mean with its confidence band, one line per method (e.g. prefix "road_morf"
@@ -66,14 +67,19 @@ def plot_curves(summary: pd.DataFrame, metric_prefix: str, path: Union[str, Path
         axis.set_title(metric, fontsize=9)
         axis.set_xlabel("level")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(metrics) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     return save_figure(figure, path)
 
 
-def plot_sweep(table: pd.DataFrame, parameter: str, path: Union[str, Path],
-               metrics: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None) -> Path:
+def plot_sweep(
+    table: pd.DataFrame,
+    parameter: str,
+    path: Union[str, Path],
+    metrics: Optional[Sequence[str]] = None,
+    methods: Optional[Sequence[str]] = None,
+) -> Path:
     """PNG of each scalar metric of a :func:`sweep_table` against the swept value, one line per method, CI bands.
 
     ``metrics`` picks the panels (default: every scalar metric, i.e. level NaN, including the
@@ -83,8 +89,9 @@ def plot_sweep(table: pd.DataFrame, parameter: str, path: Union[str, Path],
     metrics = list(metrics) if metrics is not None else list(dict.fromkeys(scalars["metric"]))
     unknown = [m for m in metrics if m not in set(scalars["metric"])]
     if unknown or not metrics:
-        raise ValueError(f"no scalar metric {unknown or ''} in the sweep table; "
-                         f"it has {sorted(set(scalars['metric']))}")
+        raise ValueError(
+            f"no scalar metric {unknown or ''} in the sweep table; it has {sorted(set(scalars['metric']))}"
+        )
     values = list(dict.fromkeys(table[parameter]))
     positions, ticks, label = sweep_axis(values, parameter)
     where = dict(zip(values, positions))
@@ -97,22 +104,34 @@ def plot_sweep(table: pd.DataFrame, parameter: str, path: Union[str, Path],
                 continue
             x = line[parameter].map(where).to_numpy(dtype=float)
             order = np.argsort(x)
-            _band(axis, x[order], line["mean"].to_numpy()[order], line["low"].to_numpy()[order],
-                  line["high"].to_numpy()[order], method)
+            _band(
+                axis,
+                x[order],
+                line["mean"].to_numpy()[order],
+                line["low"].to_numpy()[order],
+                line["high"].to_numpy()[order],
+                method,
+            )
         if ticks is not None:
             axis.set_xticks(positions, ticks, rotation=30, ha="right", fontsize=7)
         axis.set_title(metric, fontsize=9)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(metrics) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     return save_figure(figure, path)
 
 
-def plot_sanity(summary_or_frame: pd.DataFrame, layer_names: Sequence[str], path: Union[str, Path],
-                methods: Optional[Sequence[str]] = None, confidence: float = 0.95, resamples: int = 1000,
-                seed: int = 0) -> Path:
+def plot_sanity(
+    summary_or_frame: pd.DataFrame,
+    layer_names: Sequence[str],
+    path: Union[str, Path],
+    methods: Optional[Sequence[str]] = None,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> Path:
     """PNG of the cascading randomization: two panels (Spearman, SSIM), one line per method.
 
     x = cascade step 1..L labelled with ``layer_names`` (the module randomized at that step, the
@@ -141,8 +160,10 @@ def plot_sanity(summary_or_frame: pd.DataFrame, layer_names: Sequence[str], path
     axes = figure.subplots(1, 2, squeeze=False)
     spearman, ssim = metrics
     kind = RANDOMIZATION_LABELS[randomization]
-    titles = {spearman: f"Spearman rank correlation with the intact model's maps ({kind})",
-              ssim: f"SSIM with the intact model's maps ({kind})"}
+    titles = {
+        spearman: f"Spearman rank correlation with the intact model's maps ({kind})",
+        ssim: f"SSIM with the intact model's maps ({kind})",
+    }
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = {}
     for axis, metric in zip(axes.flat, metrics):
@@ -152,8 +173,9 @@ def plot_sanity(summary_or_frame: pd.DataFrame, layer_names: Sequence[str], path
             if line.empty:
                 continue
             color = colors[position % len(colors)]
-            handles[method], = axis.plot(line["level"], line["mean"], marker="o", markersize=3, linewidth=1.4,
-                                         color=color, label=method)
+            (handles[method],) = axis.plot(
+                line["level"], line["mean"], marker="o", markersize=3, linewidth=1.4, color=color, label=method
+            )
             axis.fill_between(line["level"], line["low"], line["high"], color=color, alpha=0.2, linewidth=0)
             lowest = min(lowest, float(np.nanmin(line["low"])))
         axis.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")

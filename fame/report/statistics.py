@@ -63,11 +63,21 @@ def curve_areas(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         levels = table.columns.to_numpy(dtype=float)
         areas = normalized_trapezoid(table.to_numpy(dtype=float), levels)
-        parts.append(pd.DataFrame({"method": method, "metric": metric + AUC_SUFFIX, "level": np.nan,
-                                   "value": areas, "sample_id": table.index.to_numpy()}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "method": method,
+                    "metric": metric + AUC_SUFFIX,
+                    "level": np.nan,
+                    "value": areas,
+                    "sample_id": table.index.to_numpy(),
+                }
+            )
+        )
     if not parts:
-        return pd.DataFrame({column: pd.Series(dtype=float if column in ("level", "value") else object)
-                             for column in SCORE_COLUMNS})
+        return pd.DataFrame(
+            {column: pd.Series(dtype=float if column in ("level", "value") else object) for column in SCORE_COLUMNS}
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -83,8 +93,9 @@ def bootstrap_counts(size: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount((draws + offsets).ravel(), minlength=resamples * size).reshape(resamples, size).astype(float)
 
 
-def summarize(frame: pd.DataFrame, confidence: float = 0.95, resamples: int = 1000, seed: int = 0,
-              curve_auc: bool = True) -> pd.DataFrame:
+def summarize(
+    frame: pd.DataFrame, confidence: float = 0.95, resamples: int = 1000, seed: int = 0, curve_auc: bool = True
+) -> pd.DataFrame:
     """Mean and percentile-bootstrap interval per (method, metric, level).
 
     Non-finite values are dropped (``n`` counts the rest). Within a group the values are ordered by
@@ -152,8 +163,13 @@ def sweep_axis(values: Sequence[Any], parameter: str) -> Tuple[np.ndarray, Optio
     return np.arange(len(values), dtype=float), [str(v) for v in values], parameter
 
 
-def sweep_table(frames_by_value: Mapping[Any, pd.DataFrame], parameter: str, confidence: float = 0.95,
-                resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+def sweep_table(
+    frames_by_value: Mapping[Any, pd.DataFrame],
+    parameter: str,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """:func:`summarize` of each sweep point's scores, stacked, with the swept value in column ``parameter``.
 
     ``frames_by_value`` maps each value of the swept parameter (e.g. FAME iterations 25, 50, 100, or

@@ -17,6 +17,7 @@ from tabulate import DataRow, TableFormat, tabulate
 
 from .statistics import AUC_SUFFIX
 
+
 @dataclass(frozen=True)
 class Column:
     """One table column: the summary row of ``metric`` at ``level`` (None: scalar), times ``scale``."""
@@ -41,8 +42,11 @@ DELETION_PROTOCOLS = (("", "FAME protocol"), ("_rise", "RISE protocol"))
 
 
 def _deletion_columns() -> List[Column]:
-    return [Column(f"{mode.capitalize()} AUC ×100 ({label})", f"{mode}{suffix}{AUC_SUFFIX}", scale=100.0)
-            for suffix, label in DELETION_PROTOCOLS for mode in ("deletion", "insertion")]
+    return [
+        Column(f"{mode.capitalize()} AUC ×100 ({label})", f"{mode}{suffix}{AUC_SUFFIX}", scale=100.0)
+        for suffix, label in DELETION_PROTOCOLS
+        for mode in ("deletion", "insertion")
+    ]
 
 
 #: Paper Tab. 1 (classification): IoU of {map >= t} with the box x100; ROAD logit drop averaged over
@@ -76,7 +80,9 @@ METRIC_LABELS: Dict[str, Tuple[str, float]] = {
     "sanity_spearman_auc": ("sanity Spearman, layers re-initialised (area over the cascade)", 1.0),
     "sanity_ssim_auc": ("sanity SSIM, layers re-initialised (area over the cascade)", 1.0),
     "sanity_redraw_spearman_auc": (
-        "sanity Spearman, layers redrawn from their own mean / std (area over the cascade)", 1.0),
+        "sanity Spearman, layers redrawn from their own mean / std (area over the cascade)",
+        1.0,
+    ),
     "sanity_redraw_ssim_auc": ("sanity SSIM, layers redrawn from their own mean / std (area over the cascade)", 1.0),
 }
 
@@ -117,9 +123,16 @@ def _cell(row, scale: float, digits: int) -> str:
 
 
 #: GitHub markdown without column padding: "| a | b |" rows under a "|---|---|" rule.
-MARKDOWN = TableFormat(lineabove=None, linebelowheader=lambda widths, aligns: "|" + "---|" * len(widths),
-                       linebetweenrows=None, linebelow=None, headerrow=DataRow("| ", " | ", " |"),
-                       datarow=DataRow("| ", " | ", " |"), padding=0, with_header_hide=None)
+MARKDOWN = TableFormat(
+    lineabove=None,
+    linebelowheader=lambda widths, aligns: "|" + "---|" * len(widths),
+    linebetweenrows=None,
+    linebelow=None,
+    headerrow=DataRow("| ", " | ", " |"),
+    datarow=DataRow("| ", " | ", " |"),
+    padding=0,
+    with_header_hide=None,
+)
 
 
 def _table(summary: pd.DataFrame, columns: Sequence[Column], methods: Sequence[str], digits: int) -> str:
@@ -130,8 +143,14 @@ def _table(summary: pd.DataFrame, columns: Sequence[Column], methods: Sequence[s
         if all(row is None for row in found):  # e.g. the e- maps in the e+ deletion table
             continue
         rows.append([method, *(_cell(row, c.scale, digits) for row, c in zip(found, columns))])
-    return tabulate(rows, headers=["method", *(column.label for column in columns)], tablefmt=MARKDOWN,
-                    stralign=None, numalign=None, disable_numparse=True)
+    return tabulate(
+        rows,
+        headers=["method", *(column.label for column in columns)],
+        tablefmt=MARKDOWN,
+        stralign=None,
+        numalign=None,
+        disable_numparse=True,
+    )
 
 
 def _present(summary: pd.DataFrame, columns: Iterable[Column]) -> List[Column]:
@@ -167,8 +186,10 @@ def markdown_table(
         sections.append(_table(summary, [_as_column(spec) for spec in metrics], methods, digits))
     else:
         shown = set()
-        for title, preset in (("Localisation and faithfulness (paper Tab. 1)", TABLE1_COLUMNS),
-                              ("Face verification (paper Tab. 2)", TABLE2_COLUMNS)):
+        for title, preset in (
+            ("Localisation and faithfulness (paper Tab. 1)", TABLE1_COLUMNS),
+            ("Face verification (paper Tab. 2)", TABLE2_COLUMNS),
+        ):
             columns = _present(summary, preset)
             if columns:
                 sections.append(f"### {title}\n\n" + _table(summary, columns, methods, digits))
@@ -186,8 +207,9 @@ def markdown_table(
     if missing_methods:
         notes.append(f"Missing from the store (not scored): {', '.join(map(str, missing_methods))}.")
     if excluded:
-        counted = {method: value if isinstance(value, (int, np.integer)) else len(value)
-                   for method, value in excluded.items()}
+        counted = {
+            method: value if isinstance(value, (int, np.integer)) else len(value) for method, value in excluded.items()
+        }
         parts = [f"{method}: {count}" for method, count in counted.items() if count]
         if parts:
             notes.append("Samples excluded (maps without any FAME step, i.e. empty): " + ", ".join(parts) + ".")

@@ -32,9 +32,9 @@ from ..pipeline import build_logger, explained_dataset, explained_model, sanity_
 from ..provenance import checkpoint_digest
 from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
+from ..sweeps import read_sweep
 from ..tasks import task_of
 from ..viz import save_overlay_grid
-from ..sweeps import read_sweep
 
 
 class MissingMapsWarning(UserWarning):
@@ -66,9 +66,11 @@ def store_config(config: DictConfig, store: MapStore) -> DictConfig:
     check_file_data(data, store.path, "meta.data", trusted=trusted, named=config_targets(config.data))
     a_limit = limit is None or isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
     if not isinstance(data, dict) or split not in SPLITS or not a_limit:
-        raise ConfigError(f"{store.path} records data={type(data).__name__}, split={split!r} and "
-                          f"limit={limit!r}; a store of explain.py holds a data config, a split of {', '.join(SPLITS)} "
-                          "and a limit >= 1 or null")
+        raise ConfigError(
+            f"{store.path} records data={type(data).__name__}, split={split!r} and "
+            f"limit={limit!r}; a store of explain.py holds a data config, a split of {', '.join(SPLITS)} "
+            "and a limit >= 1 or null"
+        )
     with open_dict(config):  # the store's data config may have keys the experiment's has not
         merged = OmegaConf.merge(config, {"data": data, "split": split, "limit": limit})
     OmegaConf.set_struct(merged, True)
@@ -96,7 +98,9 @@ def complete_entries(store: MapStore, requested: Optional[Sequence[str]]) -> Tup
         warnings.warn(
             f"the store {store.path} lacks maps: missing methods {missing or 'none'}, incomplete {incomplete or 'none'}; "
             "the report scores the samples every remaining method has (rerun explain.py to complete it)",
-            MissingMapsWarning, stacklevel=2)
+            MissingMapsWarning,
+            stacklevel=2,
+        )
     return entries, missing + incomplete, np.flatnonzero(rows)
 
 
@@ -110,18 +114,25 @@ def check_checkpoint(config: DictConfig, store: MapStore, entries: Sequence[str]
         if recorded is not None and recorded != digest:
             raise ConfigError(
                 f"checkpoint={config.checkpoint} is not the model the maps of {entry!r} in {store.path} were made with "
-                f"(sha256 {digest[:12]} vs {recorded[:12]}); pass that checkpoint, or re-explain with this one")
+                f"(sha256 {digest[:12]} vs {recorded[:12]}); pass that checkpoint, or re-explain with this one"
+            )
 
 
 def scoring_of(config: DictConfig) -> Scoring:
     """The score settings of the evaluate config as plain values."""
-    return Scoring(families=tuple(config.families), localization_metrics=tuple(config.localization.metrics),
-                   mask_keys=tuple(config.data.get("mask_keys") or []),
-                   road_percentages=tuple(config.road.percentages), road_orders=tuple(config.road.orders),
-                   road_imputations=tuple(config.road.imputations), deletion_protocol=deletion_protocol(config),
-                   deletion_fractions=tuple(config.deletion.fractions),
-                   verification_percentages=tuple(config.verification.percentages),
-                   batch_size=config.batch_size, seed=config.seed)
+    return Scoring(
+        families=tuple(config.families),
+        localization_metrics=tuple(config.localization.metrics),
+        mask_keys=tuple(config.data.get("mask_keys") or []),
+        road_percentages=tuple(config.road.percentages),
+        road_orders=tuple(config.road.orders),
+        road_imputations=tuple(config.road.imputations),
+        deletion_protocol=deletion_protocol(config),
+        deletion_fractions=tuple(config.deletion.fractions),
+        verification_percentages=tuple(config.verification.percentages),
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
 
 
 def select_samples(value: Any, keep: List[int], size: int) -> Any:
@@ -179,10 +190,13 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
                 excluded[entry] = empty
     left_out = sorted({sample for ids in excluded.values() for sample in ids})
     if len(left_out) == len(rows):
-        raise ConfigError(f"FAME took no step on any of the {len(rows)} samples, so every one would be left out; "
-                          "pass exclude_empty=false to score them anyway")
-    loader = DataLoader(Subset(Indexed(dataset), rows.tolist()), batch_size=config.batch_size,
-                        collate_fn=collate_items, shuffle=False)
+        raise ConfigError(
+            f"FAME took no step on any of the {len(rows)} samples, so every one would be left out; "
+            "pass exclude_empty=false to score them anyway"
+        )
+    loader = DataLoader(
+        Subset(Indexed(dataset), rows.tolist()), batch_size=config.batch_size, collate_fn=collate_items, shuffle=False
+    )
     threshold = None
     pair = task.pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
     if pair is not None:  # on every rank: each one's batches are scored at this threshold
@@ -214,8 +228,9 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
             part = {k: select_samples(v, keep, len(ids)) for k, v in batch.items()}
             batch_records += scoring.localization_rows(entry, maps, part, kept_ids, task.mask_side(entry))
             targets = targets_of(store.method_settings(entry).get("target", "label"))
-            batch_records += task.score_rows(scoring, model, entry, maps, part,
-                                             None if targets is None else targets[keep], threshold, kept_ids)
+            batch_records += task.score_rows(
+                scoring, model, entry, maps, part, None if targets is None else targets[keep], threshold, kept_ids
+            )
         return batch_records
 
     trainer.predict(ScoreModule(model, score_batch), loader, return_predictions=False)
@@ -223,11 +238,21 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
         records += writer.merge(trainer.world_size, rows)
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out and trainer.is_global_zero:
-        print(f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
-              f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them")
-    context = {"missing": missing, "excluded": {"every method": len(left_out)} if left_out else {}, "entries": entries,
-               "task": task.name, "threshold": threshold, "dataset": dataset, "rows": rows,
-               "sanity_layers": sanity_layers, "reports": trainer.is_global_zero}
+        print(
+            f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
+            f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them"
+        )
+    context = {
+        "missing": missing,
+        "excluded": {"every method": len(left_out)} if left_out else {},
+        "entries": entries,
+        "task": task.name,
+        "threshold": threshold,
+        "dataset": dataset,
+        "rows": rows,
+        "sanity_layers": sanity_layers,
+        "reports": trainer.is_global_zero,
+    }
     return frame, context
 
 
@@ -245,13 +270,21 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     frame.to_csv(output / "scores.csv", index=False)
-    summary = report.summarize(frame, confidence=config.bootstrap.confidence, resamples=config.bootstrap.resamples,
-                               seed=config.seed)
+    summary = report.summarize(
+        frame, confidence=config.bootstrap.confidence, resamples=config.bootstrap.resamples, seed=config.seed
+    )
     summary.to_csv(output / "summary.csv", index=False)
     table = report.markdown_table(summary, missing_methods=context["missing"], excluded=context["excluded"])
     (output / "metrics.md").write_text(table)
     figures = {}
-    for prefix in ("road_morf", "road_lerf", "deletion", "insertion", "verification_deletion", "verification_insertion"):
+    for prefix in (
+        "road_morf",
+        "road_lerf",
+        "deletion",
+        "insertion",
+        "verification_deletion",
+        "verification_insertion",
+    ):
         if frame["metric"].str.startswith(prefix).any():
             figures[prefix] = report.plot_curves(summary, prefix, output / f"curves_{prefix}.png")
     if context["sanity_layers"]:
@@ -274,9 +307,13 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
     shown = task.shown_entries(context["entries"])
     mask_keys = list(store_config(config, store).data.get("mask_keys") or [])
     mask_key = next((k for k in (task.sample_mask_key(m) for m in mask_keys) if k in items[0]), None)
-    return save_overlay_grid([item[task.image_key] for item in items],
-                             {e: torch.from_numpy(store.read(e, ids)) for e in shown},
-                             path, row_titles=ids, masks=[item[mask_key] for item in items] if mask_key else None)
+    return save_overlay_grid(
+        [item[task.image_key] for item in items],
+        {e: torch.from_numpy(store.read(e, ids)) for e in shown},
+        path,
+        row_titles=ids,
+        masks=[item[mask_key] for item in items] if mask_key else None,
+    )
 
 
 def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures: Dict[str, Optional[Path]]) -> None:
@@ -302,14 +339,20 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     entries = read_sweep(config.sweep)
     if not entries:
         raise ConfigError(f"the sweep folder {config.sweep} holds no jobs; run explain.py -m first")
-    varying = [key for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
-               if len({str(entry["overrides"].get(key)) for entry in entries}) > 1]
+    varying = [
+        key
+        for key in dict.fromkeys(k for entry in entries for k in entry["overrides"])
+        if len({str(entry["overrides"].get(key)) for entry in entries}) > 1
+    ]
     parameter = varying[0] if len(varying) == 1 else "setting"
     frames, missing, reports = {}, {}, True
     for entry in entries:
         overrides = entry["overrides"]
-        value = (overrides.get(parameter) if parameter != "setting"
-                 else ", ".join(f"{k}={overrides.get(k)}" for k in varying) or entry["store"])
+        value = (
+            overrides.get(parameter)
+            if parameter != "setting"
+            else ", ".join(f"{k}={overrides.get(k)}" for k in varying) or entry["store"]
+        )
         frame, context = score_store(config, MapStore(entry["store"]))
         frames[value], reports = frame, context["reports"]
         if context["missing"]:
@@ -318,15 +361,21 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
         return pd.concat([f.assign(**{parameter: value}) for value, f in frames.items()], ignore_index=True)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    table = report.sweep_table(frames, parameter, confidence=config.bootstrap.confidence,
-                               resamples=config.bootstrap.resamples, seed=config.seed)
+    table = report.sweep_table(
+        frames,
+        parameter,
+        confidence=config.bootstrap.confidence,
+        resamples=config.bootstrap.resamples,
+        seed=config.seed,
+    )
     table.to_csv(output / "sweep.csv", index=False)
     report.plot_sweep(table, parameter, output / "sweep.png")
     print(table.to_string())
     written = [output / "sweep.csv", output / "sweep.png"]
     if missing:  # points whose store lacks some methods: named next to the table
-        notes = pd.DataFrame([{parameter: value, "missing_methods": "; ".join(map(str, names))}
-                              for value, names in missing.items()])
+        notes = pd.DataFrame(
+            [{parameter: value, "missing_methods": "; ".join(map(str, names))} for value, names in missing.items()]
+        )
         notes.to_csv(output / "sweep_missing.csv", index=False)
         written.append(output / "sweep_missing.csv")
         print("methods missing from some sweep points:\n" + notes.to_string(index=False))

@@ -35,13 +35,16 @@ LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
 #: so stores begun before configs/explainer/fame.yaml listed them still resume.
 FAME_SPEED_KEYS = ("precision", "channels_last", "compile")
 
+
 def check_explain_config(config: DictConfig) -> None:
     """Validate the explain config (:class:`fame.schemas.ExplainConfig`: every key, method name and
     option and FAME option) and that the checkpoint exists, before building anything."""
     check(ExplainConfig, config)
     if config.checkpoint is not None and not Path(config.checkpoint).is_file():
-        raise ConfigError(f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
-                          "checkpoint=null to explain the model built from the model config")
+        raise ConfigError(
+            f"checkpoint={config.checkpoint!r}: no such file; run train.py first, or set "
+            "checkpoint=null to explain the model built from the model config"
+        )
 
 
 def method_identity(options: Any, key: str) -> Dict[str, Any]:
@@ -52,8 +55,11 @@ def method_identity(options: Any, key: str) -> Dict[str, Any]:
     if values.get("name") != "fame":
         return values
     chosen, defaults = fame_options(values, key), FameConfig()
-    return {name: value for name, value in values.items()
-            if name not in FAME_SPEED_KEYS or getattr(chosen, name) != getattr(defaults, name)}
+    return {
+        name: value
+        for name, value in values.items()
+        if name not in FAME_SPEED_KEYS or getattr(chosen, name) != getattr(defaults, name)
+    }
 
 
 def without_loader_keys(node: Any) -> Any:
@@ -75,10 +81,12 @@ def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]
     fame_config = fame_options(fame, "explainer.fame") if fame is not None else None
     task = task_of(config.data.task)
     image = sample[task.image_key]
-    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
-                          else "cpu")
-    size = find_batch_size(model.to(device), tuple(image.shape), fame_config, device,
-                           images_per_sample=task.images_per_sample)
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    )
+    size = find_batch_size(
+        model.to(device), tuple(image.shape), fame_config, device, images_per_sample=task.images_per_sample
+    )
     model.cpu()
     print(f"batch_size=auto: {size} samples per batch on {device}")
     return size
@@ -108,8 +116,10 @@ def recompute_damaged(store: MapStore, methods: List[str]) -> None:
         for entry in store.outputs(method):
             damaged = store.discard_damaged(entry)
             if damaged:
-                print(f"{entry}: {len(damaged)} stored maps are damaged (missing, cut short or failing their "
-                      f"checksum), e.g. {', '.join(damaged[:5])}; recomputing them")
+                print(
+                    f"{entry}: {len(damaged)} stored maps are damaged (missing, cut short or failing their "
+                    f"checksum), e.g. {', '.join(damaged[:5])}; recomputing them"
+                )
 
 
 def explain(config: DictConfig) -> MapStore:
@@ -126,9 +136,12 @@ def explain(config: DictConfig) -> MapStore:
     size = task.image_size(first)
     model = explained_model(config)  # before the store: a refused checkpoint leaves nothing behind
     data_identity = without_loader_keys(plain(config.data))
-    store = MapStore.create_or_open(config.store, num_samples=len(dataset), size=size,
-                                    meta={"task": task.name, "data": data_identity, "split": config.split,
-                                          "limit": config.limit})
+    store = MapStore.create_or_open(
+        config.store,
+        num_samples=len(dataset),
+        size=size,
+        meta={"task": task.name, "data": data_identity, "split": config.split, "limit": config.limit},
+    )
     claim = claim_for_run(store)  # another explain run on this store is refused while this one writes
     try:
         return explain_into(config, store, model, dataset, first)
@@ -140,24 +153,32 @@ def explain(config: DictConfig) -> MapStore:
 def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset, first: Dict[str, Any]) -> MapStore:
     """The rest of :func:`explain`, once the store is open (and claimed by the run's first process)."""
     task = task_of(config.data.task)
-    model_identity = ({"checkpoint_sha256": checkpoint_digest(config.checkpoint)} if config.checkpoint is not None
-                      else {"model": plain(config.model)})
+    model_identity = (
+        {"checkpoint_sha256": checkpoint_digest(config.checkpoint)}
+        if config.checkpoint is not None
+        else {"model": plain(config.model)}
+    )
     provenance = {"checkpoint": config.checkpoint, "environment": environment(), "started": time.time()}
     batch_size = config.batch_size if config.batch_size != "auto" else auto_batch_size(config, model, first)
     methods = []
     for name, options in selected_methods(config).items():
         kwargs = method_options(options)
         built = {**plain(options)}
-        settings = {"method": method_identity(options, f"explainer.{name}"), "target": config.target, "input_space": config.input_space,
-                    **model_identity}
+        settings = {
+            "method": method_identity(options, f"explainer.{name}"),
+            "target": config.target,
+            "input_space": config.input_space,
+            **model_identity,
+        }
         derived = {}
         if kwargs.get("threshold") == "eer":  # FGGB's theta: the EER threshold of these pairs' clean scores
             # provenance, not identity: it follows from the data and model (both in the identity), and
             # the clean scores move by ~1e-7 with the batch size, which must not refuse a resumed store
             built["threshold"] = derived["eer_threshold"] = task.pair_threshold(model, dataset, batch_size)[0]
             print(f"{name}: threshold = EER threshold of the clean scores, {built['threshold']:.4f}")
-        stored_name = store.begin_method(name, settings, outputs=list(task.outputs),
-                                         new_group=config.new_group, provenance={**provenance, **derived})
+        stored_name = store.begin_method(
+            name, settings, outputs=list(task.outputs), new_group=config.new_group, provenance={**provenance, **derived}
+        )
         method = task.build_method(built, f"explainer.{name}")
         methods.append(ExplainMethod(stored_name, task.batch_method(method, config.target, config.input_space)))
     recompute_damaged(store, [method.name for method in methods])
@@ -165,8 +186,9 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
     if len(rows) == 0:
         print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
         return store
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
-                        num_workers=config.get("num_workers", 0))
+    loader = DataLoader(
+        rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items, num_workers=config.get("num_workers", 0)
+    )
     callbacks = [MapWriter(store.path)]
     if config.trainer.get("enable_progress_bar", True):
         callbacks.append(ExplainProgressBar())

@@ -34,8 +34,7 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     ids = [str(item["id"]) for item in items]
     images, model = explained_inputs(model, pixels, config.input_space)  # the paper perturbs the normalized tensor
     layers = list(settings.layers)
-    by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations,
-                                           image_ids=ids)
+    by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations, image_ids=ids)
     summary = summarize_layers(by_location)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -43,15 +42,25 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     summary.to_csv(output / "outside_mass.csv", index=False)
     (output / "outside_mass.md").write_text(
         "Share of each location's FAME mass outside its CAM cell (cell_floor: a map equal to its cell after "
-        "the same blur; uniform: 1 - 1/(h*w))\n\n" + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
+        "the same blur; uniform: 1 - 1/(h*w))\n\n" + summary.to_markdown(index=False, floatfmt=".3f") + "\n"
+    )
     height, width = feature_map_size(model, settings.sheet_layer, images[:1])
     locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
         maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
         image = item[task.image_key]
         scale = max(1, 512 // (image.shape[-1] * width))
-        feature_map_sheet(image, maps, height, width, output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
-                          locations=locations, scale=scale, gap=4, line_width=2)
+        feature_map_sheet(
+            image,
+            maps,
+            height,
+            width,
+            output / f"sheet_{settings.sheet_layer}_{item['id']}.png",
+            locations=locations,
+            scale=scale,
+            gap=4,
+            line_width=2,
+        )
     print(summary.to_string(index=False))
     print(f"wrote {output / 'outside_mass.md'}, the per-location CSV and {len(items)} sheets of {settings.sheet_layer}")
     return summary

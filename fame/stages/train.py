@@ -23,8 +23,22 @@ from ..viz import save_monitor_curves
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
-NOT_TRAINING = ("paths", "experiment_name", "logger", "resume", "trust", "run_root", "run_dir", "checkpoint", "callbacks", "explainer",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+NOT_TRAINING = (
+    "paths",
+    "experiment_name",
+    "logger",
+    "resume",
+    "trust",
+    "run_root",
+    "run_dir",
+    "checkpoint",
+    "callbacks",
+    "explainer",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+
 
 def check_train_config(config: DictConfig) -> None:
     """Validate the training config before anything is built (:class:`fame.schemas.TrainConfig`;
@@ -50,18 +64,27 @@ def check_resume_checkpoint(path: Path) -> None:
             pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
             strings = set()
             if pickles and damaged is None:
-                strings = {argument for _, argument, _ in pickletools.genops(archive.read(pickles[0]))
-                           if isinstance(argument, str)}
+                strings = {
+                    argument
+                    for _, argument, _ in pickletools.genops(archive.read(pickles[0]))
+                    if isinstance(argument, str)
+                }
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise ConfigError(f"resume={str(path)!r} is not a readable checkpoint ({error}; a torch checkpoint is a zip "
-                          "archive): pass the last.ckpt of an unfinished run, or resume=auto") from error
+        raise ConfigError(
+            f"resume={str(path)!r} is not a readable checkpoint ({error}; a torch checkpoint is a zip "
+            "archive): pass the last.ckpt of an unfinished run, or resume=auto"
+        ) from error
     if damaged is not None:
-        raise ConfigError(f"resume={str(path)!r} is damaged (member {damaged} fails its CRC check): pass another "
-                          "checkpoint of the run, or resume=auto")
+        raise ConfigError(
+            f"resume={str(path)!r} is damaged (member {damaged} fails its CRC check): pass another "
+            "checkpoint of the run, or resume=auto"
+        )
     missing = [key for key in RESUME_KEYS if key not in strings]
     if missing:
-        raise ConfigError(f"resume={str(path)!r} cannot resume training: it lacks {missing} (a weights-only model.ckpt "
-                          "or not a Lightning checkpoint); pass the last.ckpt of an unfinished run, or resume=auto")
+        raise ConfigError(
+            f"resume={str(path)!r} cannot resume training: it lacks {missing} (a weights-only model.ckpt "
+            "or not a Lightning checkpoint); pass the last.ckpt of an unfinished run, or resume=auto"
+        )
 
 
 def check_training_data(datamodule) -> None:
@@ -111,8 +134,9 @@ def readable_checkpoint(run_dir: Path) -> Optional[str]:
     rerun with other checkpoint settings wrote beside it; or the newest other checkpoint when a
     kill truncated the newest one mid-write (torch.save files are zip archives: a truncated one
     has no central directory)."""
-    candidates = sorted((p for p in run_dir.glob("*.ckpt") if p.name != "model.ckpt"),
-                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    candidates = sorted(
+        (p for p in run_dir.glob("*.ckpt") if p.name != "model.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True
+    )
     for candidate in candidates:
         try:
             zipfile.ZipFile(candidate).close()
@@ -149,8 +173,12 @@ def train(config: DictConfig) -> Dict[str, float]:
     run_dir, resume = choose_run(config)
     trusted = bool(resume) and trusted_file(config, resume)
     if resume:  # a checkpoint is data: of this module, naming only known targets, before anything is written
-        check_module_checkpoint(get_class(config.module._target_), resume, trust=trusted,
-                                named_targets=config_targets(config.module, config.model))
+        check_module_checkpoint(
+            get_class(config.module._target_),
+            resume,
+            trust=trusted,
+            named_targets=config_targets(config.module, config.model),
+        )
     with open_dict(config):
         config.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +196,9 @@ def train(config: DictConfig) -> Dict[str, float]:
     wandb = build_logger(config, "train")
     if wandb is not None:
         loggers.append(wandb)
-    trainer = instantiate(config.trainer, "trainer", logger=loggers, callbacks=build_callbacks(config),
-                          default_root_dir=str(run_dir))
+    trainer = instantiate(
+        config.trainer, "trainer", logger=loggers, callbacks=build_callbacks(config), default_root_dir=str(run_dir)
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trusted)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
