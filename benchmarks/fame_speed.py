@@ -15,8 +15,9 @@ Sections (``--sections``, default all):
   epsilon 0.01: pairs/s, mean iterations and agreement per precision.
 - ``feature_map``: the 49-location sheet of ResNet-50 ``layer4`` at 224 px in float32 and in
   the fastest setting.
-- ``cpu_ratio`` (meant for a 2-core machine; the GPU suite leaves it out): on 2 CPU threads, ResNet-18 at 112 px, 20 iterations, batch 8: the batched
-  engine against a loop over single images, with the agreement of their maps.
+- ``cpu_ratio`` (meant for a 2-core machine; the GPU suite leaves it out): on 2 CPU threads, ResNet-18 at
+  112 px, 20 iterations, batch 8: the batched engine against a loop over single images, with the
+  agreement of their maps.
 
 Everything is written as it is measured to ``<out>/fame_speed_<tag>.json`` and ``.md`` (``--out``,
 default ``benchmarks/results``) with the device name, torch, CUDA and cuDNN versions; the fastest
@@ -236,7 +237,7 @@ def compare_settings(
             synchronize(device)
             warm_up = time.perf_counter() - warm_start
 
-            def run():
+            def run(config=config):
                 return torch.cat(
                     [
                         explain_classification(model, images[i : i + batch], targets[i : i + batch], config)
@@ -331,7 +332,8 @@ def run_verification(report, args, device):
             try:
                 explain_verification(model, images[:2], references[:2], setting.replace(iterations=2))
                 seconds, (maps, stats), peak = timed(
-                    lambda: explain_verification(model, images, references, setting, return_stats=True), device
+                    lambda setting=setting: explain_verification(model, images, references, setting, return_stats=True),
+                    device,
                 )
             except Exception as error:
                 traceback.print_exc()
@@ -370,7 +372,9 @@ def run_feature_map(report, args, device):
     for precision, channels_last in settings:
         setting = config.replace(precision=precision, channels_last=channels_last)
         explain_feature_map(model, "layer4", image, [(0, 0)], setting.replace(iterations=2))
-        seconds, maps, peak = timed(lambda: explain_feature_map(model, "layer4", image, config=setting), device)
+        seconds, maps, peak = timed(
+            lambda setting=setting: explain_feature_map(model, "layer4", image, config=setting), device
+        )
         row = {
             "setting": setting_name(precision, channels_last, False),
             "locations": int(maps.shape[0]),

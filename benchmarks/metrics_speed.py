@@ -11,13 +11,13 @@ P = 10, 20, ..., 90 % of pixels (P = 0 needs no imputation; at P = 100 grad-cam'
 singular). grad-cam: ``ROADMostRelevantFirst(percentile=100 - P)`` per P with
 ``return_diff=False`` (one forward pass per P, like ours). Ours: ``fame.metrics.road.road_curve``.
 Both run on ``--threads`` CPU threads (default: every core torch uses; scipy's sparse solve inside
-grad-cam is single-threaded whatever the setting, its forward passes are not). Reported: images/s end to end (imputation + forward pass
-per P) and for the imputation alone (end to end minus the time of the same forward passes on
-clean images), both in total and per P (each P is timed on its own), and the agreement of the curves: mean |target-logit difference| between grad-cam
-and ours, next to the difference between two runs of ours with different noise seeds (the
-floor set by the N(0, 0.01) noise). The end-to-end speed-up can never exceed grad-cam's total time
-over the time of its forward passes (printed as the bound). Figures go to
-``<out>/metrics_speed_<device>_<threads>threads.json`` and are printed as markdown.
+grad-cam is single-threaded whatever the setting, its forward passes are not). Reported: images/s end to
+end (imputation + forward pass per P) and for the imputation alone (end to end minus the time of the same
+forward passes on clean images), both in total and per P (each P is timed on its own), and the agreement of
+the curves: mean |target-logit difference| between grad-cam and ours, next to the difference between two
+runs of ours with different noise seeds (the floor set by the N(0, 0.01) noise). The end-to-end speed-up
+can never exceed grad-cam's total time over the time of its forward passes (printed as the bound). Figures
+go to ``<out>/metrics_speed_<device>_<threads>threads.json`` and are printed as markdown.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def per_percentage(level, percentages):
     """Curves (B, P) and seconds per percentage of ``level(P)`` called for each P in turn."""
     columns, seconds = [], []
     for percentage in percentages:
-        column, elapsed = timed(lambda: level(percentage))
+        column, elapsed = timed(lambda percentage=percentage: level(percentage))
         columns.append(column)
         seconds.append(elapsed)
     return torch.stack(columns, dim=1), seconds
@@ -211,7 +211,8 @@ def ratio(speedup) -> str:
 def markdown(figures: dict) -> str:
     lines = [
         f"ROAD (noisy linear imputation), {figures['images']} images at {figures['size']} px, "
-        f"ResNet-18, P = {figures['percentages'][0]}..{figures['percentages'][-1]} %, {figures['threads']} CPU thread(s)",
+        f"ResNet-18, P = {figures['percentages'][0]}..{figures['percentages'][-1]} %, "
+        f"{figures['threads']} CPU thread(s)",
         "",
         "| implementation | seconds | images/s (end to end) | imputations/s (imputation only) |",
         "|---|---|---|---|",
@@ -229,7 +230,8 @@ def markdown(figures: dict) -> str:
     lines.append(f"forward passes alone (CPU): {figures['forward_seconds_cpu']:.2f} s")
     if "speedup_end_to_end" in figures:
         lines.append(
-            f"speed-up on CPU: {figures['speedup_end_to_end']:.1f}x end to end (at most {figures['speedup_end_to_end_bound']:.1f}x "
+            f"speed-up on CPU: {figures['speedup_end_to_end']:.1f}x end to end "
+            f"(at most {figures['speedup_end_to_end_bound']:.1f}x "
             f"with free imputation), {ratio(figures['speedup_imputation'])} imputation only"
         )
         lines.append(
@@ -240,13 +242,15 @@ def markdown(figures: dict) -> str:
             )
         )
         lines.append(
-            f"curve agreement: mean |logit ours - grad-cam| = {figures['grad_cam_vs_ours_mean_abs_logit_difference']:.4f} "
+            "curve agreement: mean |logit ours - grad-cam| = "
+            f"{figures['grad_cam_vs_ours_mean_abs_logit_difference']:.4f} "
             f"(max {figures['grad_cam_vs_ours_max_abs_logit_difference']:.4f}); two noise seeds of ours differ by "
             f"{figures['noise_floor_mean_abs_logit_difference']:.4f}"
         )
     if "speedup_cuda_vs_grad_cam_cpu" in figures:
         lines.append(
-            f"GPU vs grad-cam on CPU: {figures['speedup_cuda_vs_grad_cam_cpu']:.0f}x; GPU vs CPU curves max |diff| {figures['cuda_vs_cpu_max_abs_logit_difference']:.2e}"
+            f"GPU vs grad-cam on CPU: {figures['speedup_cuda_vs_grad_cam_cpu']:.0f}x; "
+            f"GPU vs CPU curves max |diff| {figures['cuda_vs_cpu_max_abs_logit_difference']:.2e}"
         )
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """The map store at scale: write and read speed, batch read latency, files and bytes per map (issue 15).
 
-    python benchmarks/store_scale.py                 # 1k, 10k, 50k rows of 224 px maps; evaluate at 1k and 10k (~20 min)
-    python benchmarks/store_scale.py --quick         # smoke run: small stores, 32 px, evaluate on 40 samples
+    python benchmarks/store_scale.py                # 1k, 10k, 50k rows of 224 px maps; evaluate at 1k and 10k (~20 min)
+    python benchmarks/store_scale.py --quick        # smoke run: small stores, 32 px, evaluate on 40 samples
 
 Maps are synthetic but look like attribution maps: one to four Gaussian blobs of random centre,
 width and weight per map, scaled to [0, 1] (a pool of 256, cycled), written as one writer (one
@@ -243,7 +243,8 @@ def markdown(figures: dict) -> str:
         lines.append(
             f"| {row['rows']:,} | {row['size']} | {row['write_maps_per_s']:.0f} | {row['open_and_index_s']:.3f} | "
             f"{row['read_maps_per_s']:.0f} | {row['batch_read_median_s']:.4f} | {row['batch_read_p90_s']:.4f} | "
-            f"{row['verify_s']:.2f} | {row['files_per_map']:.5f} | {row['bytes_per_map']:.0f} ({row['raw_bytes_per_map']}) |"
+            f"{row['verify_s']:.2f} | {row['files_per_map']:.5f} | {row['bytes_per_map']:.0f} "
+            f"({row['raw_bytes_per_map']}) |"
         )
     lines += [
         "",
@@ -254,7 +255,8 @@ def markdown(figures: dict) -> str:
     ]
     for row in figures["evaluate"]:
         lines.append(
-            f"| {row['rows']:,} | {row['families'].replace(',', ', ')} | {row['ms_per_sample']:.2f} | {row['store_ms_per_sample']:.3f} | "
+            f"| {row['rows']:,} | {row['families'].replace(',', ', ')} | {row['ms_per_sample']:.2f} | "
+            f"{row['store_ms_per_sample']:.3f} | "
             f"{100 * row['store_share']:.2f} % |"
         )
     return "\n".join(lines) + "\n"

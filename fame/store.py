@@ -2,7 +2,8 @@
 
 Layout of ``<path>`` (format 2; the group metadata are zarr v3 ``zarr.json`` files):
 
-    zarr.json                       attrs {"fame_map_store": 2, "num_samples": N, "height": H, "width": W, "meta": {...}}
+    zarr.json                       attrs {"fame_map_store": 2, "num_samples": N, "height": H, "width": W,
+                                           "meta": {...}}
     .run.lock                       advisory lock of the explain run writing the store (:meth:`MapStore.claim`)
     <method>/zarr.json              attrs {"settings": {...}, "outputs": [...], "provenance": {...}}
     <entry>/<writer>-<k>.maps       segment: the maps one writer appended, each float16 (H, W) compressed on its own
@@ -200,7 +201,9 @@ def _discard(directory: Path, is_broken) -> None:
         try:
             os.rename(aside, directory)
         except OSError:
-            warnings.warn(f"{directory} was rebuilt by two processes at once; the second copy is kept at {aside}")
+            warnings.warn(
+                f"{directory} was rebuilt by two processes at once; the second copy is kept at {aside}", stacklevel=2
+            )
         return
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -364,6 +367,7 @@ class _EntryIndex:
                         f"{path}: line {number + 1} after byte {start} fails its checksum or is not an index "
                         "record; the rows it names read as missing and explain.py recomputes them",
                         DamagedIndexWarning,
+                        stacklevel=2,
                     )
                     continue
                 fresh.append(record)
@@ -884,7 +888,8 @@ class MapStore:
         done = index.done[rows]
         if not done.all():
             raise ValueError(
-                f"{int((~done).sum())} requested maps of {entry!r} were never written (rows {rows[~done][:5].tolist()}...); "
+                f"{int((~done).sum())} requested maps of {entry!r} were never written "
+                f"(rows {rows[~done][:5].tolist()}...); "
                 "rerun explain.py, which resumes where it stopped"
             )
         blobs, damaged = index.check(rows, keep_bytes=True)

@@ -1,6 +1,7 @@
 """An explain run on tiny data, as a script: the process the kill -9 and DDP tests start.
 
-    python tests/store_worker.py STORE --samples 15 --batch-size 2 [--devices 2 --strategy ddp] [--delay 0.3] [--trace FILE]
+    python tests/store_worker.py STORE --samples 15 --batch-size 2 [--devices 2 --strategy ddp]
+        [--delay 0.3] [--trace FILE]
 
 It writes FAME (few steps, epsilon -0.2 so some samples take no step) and the random floor for a
 deterministic dataset with a float64 TinyClassifier (float64 keeps maps independent of how rows

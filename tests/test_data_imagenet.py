@@ -97,7 +97,7 @@ def test_boxes_land_on_the_drawn_rectangle(imagenet, annotation_kind):
     dataset = ImageNetValidation(images, mapping, annotations, resize=36, crop=32)
     assert len(dataset) == 3
     labels = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
-    for item, (image_id, (width, height, box, wnid, _)) in zip(dataset, CASES.items()):
+    for item, (image_id, (_width, _height, _box, wnid, _)) in zip(dataset, CASES.items()):
         assert item["id"] == image_id and item["label"] == labels[wnid]
         assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
         assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0

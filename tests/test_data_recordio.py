@@ -142,7 +142,8 @@ def test_bad_magic_names_the_file_record_and_offset(tmp_path):
     dataset = RecordIODataset(rec)
     with pytest.raises(
         CorruptSampleError,
-        match=rf"train.rec: record 2, part 0 at byte offset {offset}: expected the RecordIO magic number 0xced7230a, found 0x03020100",
+        match=rf"train.rec: record 2, part 0 at byte offset {offset}: "
+        r"expected the RecordIO magic number 0xced7230a, found 0x03020100",
     ):
         dataset[1]
     rec.with_suffix(".idx").unlink()

@@ -19,7 +19,8 @@ def with_centres(head):
     return head
 
 
-# sample 0: norm 2 at 30 degrees, label 0 (theta_y = 30 deg); sample 1: norm 1 at 270 degrees, label 2 (theta_y = 90 deg)
+# sample 0: norm 2 at 30 degrees, label 0 (theta_y = 30 deg);
+# sample 1: norm 1 at 270 degrees, label 2 (theta_y = 90 deg)
 EMBEDDINGS = torch.tensor([[2 * SQRT3_2, 1.0], [0.0, -1.0]])
 LABELS = torch.tensor([0, 2])
 COSINES = torch.tensor([[SQRT3_2, 0.5, -SQRT3_2], [0.0, -1.0, 0.0]])

@@ -116,7 +116,8 @@ class FaceDetector:
             raise FileNotFoundError(
                 f"No insightface detector found in {model_root}: expected the model pack's ONNX files there, "
                 f"e.g. det_10g.onnx of '{DEFAULT_PACK}' at {default_model_root()}/det_10g.onnx. Download the pack "
-                "(buffalo_l.zip from the insightface model zoo, https://github.com/deepinsight/insightface/tree/master/model_zoo), "
+                "(buffalo_l.zip from the insightface model zoo, "
+                "https://github.com/deepinsight/insightface/tree/master/model_zoo), "
                 "unpack its .onnx files into that folder or pass model_root=<folder>, or give a landmarks file "
                 "(--landmarks) to align without a detector. Nothing is downloaded automatically."
             )

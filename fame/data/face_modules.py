@@ -46,7 +46,8 @@ def as_image_tensor(image: Any, where: str) -> Tensor:
             raise TypeError(f"{where}: expected a float image tensor in [0, 1] or uint8, got dtype {image.dtype}")
         return image.float()
     raise TypeError(
-        f"{where}: expected the image as a uint8 (H, W, 3) numpy array or a (3, H, W) tensor, got {type(image).__name__}"
+        f"{where}: expected the image as a uint8 (H, W, 3) numpy array or a (3, H, W) tensor, "
+        f"got {type(image).__name__}"
     )
 
 

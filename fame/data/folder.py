@@ -149,6 +149,7 @@ class ImageFolderDataset(SkipCorruptDataset):
             ) from error
         if mask.size != image_size:
             raise ValueError(
-                f"{path}: mask is {mask.size[0]}x{mask.size[1]}, but image {relative} is {image_size[0]}x{image_size[1]}."
+                f"{path}: mask is {mask.size[0]}x{mask.size[1]}, "
+                f"but image {relative} is {image_size[0]}x{image_size[1]}."
             )
         return to_float_tensor(self.transform.mask(mask))

@@ -149,7 +149,8 @@ def read_annotations(path: str | Path) -> dict[str, ImageAnnotation]:
             annotation = read_voc_annotation(file)
             if annotation.image_id in annotations:
                 raise ValueError(
-                    f"{file}: ImageId {annotation.image_id} also annotated in {annotations[annotation.image_id].source}."
+                    f"{file}: ImageId {annotation.image_id} also annotated in "
+                    f"{annotations[annotation.image_id].source}."
                 )
             annotations[annotation.image_id] = annotation
         return annotations

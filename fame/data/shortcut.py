@@ -86,7 +86,8 @@ class ShortcutShapesDataset(ShapesDataset):
             raise ValueError(f"unknown corner {corner!r}; choose one of {', '.join(CORNERS)}")
         if not 2 <= int(watermark_size) <= image_size // 4:
             raise ValueError(
-                f"watermark_size must be between 2 and a quarter of image_size ({image_size // 4} px), got {watermark_size}"
+                f"watermark_size must be between 2 and a quarter of image_size ({image_size // 4} px), "
+                f"got {watermark_size}"
             )
         self.strength = float(strength)
         self.watermark_size = int(watermark_size)

@@ -53,7 +53,8 @@ class CosineSimilarityTarget:
     def __call__(self, embedding: Tensor) -> Tensor:
         if embedding.shape != self.reference.shape:
             raise ValueError(
-                f"the model's embedding {tuple(embedding.shape)} differs in shape from the reference {tuple(self.reference.shape)}"
+                f"the model's embedding {tuple(embedding.shape)} differs in shape from the reference "
+                f"{tuple(self.reference.shape)}"
             )
         # Normalized here, under the caller's grad mode, so a reference made in inference mode works.
         reference = F.normalize(self.reference.to(embedding.device), dim=0)

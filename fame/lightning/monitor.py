@@ -33,8 +33,9 @@ epoch adds 17 % CPU time. A check costs about as much as 8 training steps of 64 
 Under DDP rank r explains probes r, r + W, ...; the results are gathered with
 ``all_gather_object`` (every rank enters it, also with no probes), de-duplicated by sample id, and
 rank zero writes and logs. Random number generator states (python, numpy, torch, CUDA once
-initialised) are restored after each check (Lightning's ``isolate_rng``), the model is left as found (train/eval flags, ``requires_grad``,
-gradients: :func:`fame.explain.explaining`), so training is the same with and without the monitor.
+initialised) are restored after each check (Lightning's ``isolate_rng``), the model is left as found
+(train/eval flags, ``requires_grad``, gradients: :func:`fame.explain.explaining`), so training is the
+same with and without the monitor.
 The history (one record per check: ``epoch``, ``step``, ``metrics``, and ``explained``, the
 ``[id, rank]`` pairs gathered) and the last maps (the stability score's reference) are the
 callback's state and travel in checkpoints.

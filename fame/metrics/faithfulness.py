@@ -239,8 +239,8 @@ def deletion_curve(
     RISE. ``substrate`` picks the protocol (module docstring): "fame" (zero = black, torchvision
     blur, ties in raster order) or "rise" (zero and blur in the normalized input, where ``mean``,
     the per-channel mean of the model's input normalization (None: none), is 0; ties in reverse
-    raster order); ``mean`` is read by "rise" only. :func:`rise_fractions` gives RISE's levels. ``batch_size`` bounds the images
-    per forward pass (default B).
+    raster order); ``mean`` is read by "rise" only. :func:`rise_fractions` gives RISE's levels.
+    ``batch_size`` bounds the images per forward pass (default B).
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")

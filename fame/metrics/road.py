@@ -335,7 +335,8 @@ def road_curve(
         noise_seeds = torch.as_tensor(noise_seeds).view(-1)
         if noise_seeds.numel() != images.shape[0] or noise_seeds.is_floating_point():
             raise ValueError(
-                f"noise_seeds must hold one integer per image, shape ({images.shape[0]},), got {tuple(noise_seeds.shape)}"
+                f"noise_seeds must hold one integer per image, shape ({images.shape[0]},), "
+                f"got {tuple(noise_seeds.shape)}"
             )
     fractions = torch.as_tensor(percentages, dtype=torch.float64).view(-1)
     if fractions.numel() == 0:

@@ -45,7 +45,8 @@ class RandomizationResult:
     """Scores per cascading step (L, B): step l has the layers ``layers[: l + 1]`` randomized."""
 
     layers: List[str]
-    spearman: Tensor  # rank correlation with the intact model's maps (0 where only the new map is constant, NaN where the intact one is)
+    # rank correlation with the intact model's maps (0 where only the new map is constant, NaN where the intact one is)
+    spearman: Tensor
     ssim: Tensor  # structural similarity with the intact model's maps (data range 1)
 
 

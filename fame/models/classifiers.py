@@ -71,7 +71,8 @@ class Classifier(nn.Module):
         """Map [0, 1] RGB images (B, C, H, W) to the network's input space."""
         if images.dim() != 4 or images.shape[1] != self.mean.shape[1]:
             raise ValueError(
-                f"{self.name} expects images of shape (B, {self.mean.shape[1]}, H, W) in [0, 1], got {tuple(images.shape)}"
+                f"{self.name} expects images of shape (B, {self.mean.shape[1]}, H, W) in [0, 1], "
+                f"got {tuple(images.shape)}"
             )
         return (images - self.mean) / self.std
 

@@ -97,7 +97,10 @@ class CombinedMarginHead(_CosineHead):
 
     def extra_repr(self) -> str:
         options = "".join(f", {name}=True" for name in ("fallback", "straight_through") if getattr(self, name))
-        return f"{self.num_classes} classes x {self.embedding_size}, scale={self.scale}, m=({self.m1}, {self.m2}, {self.m3}){options}"
+        return (
+            f"{self.num_classes} classes x {self.embedding_size}, scale={self.scale}, "
+            f"m=({self.m1}, {self.m2}, {self.m3}){options}"
+        )
 
 
 class ArcFaceHead(CombinedMarginHead):

@@ -96,7 +96,8 @@ def complete_entries(store: MapStore, requested: Optional[Sequence[str]]) -> Tup
         rows &= done
     if missing or incomplete:
         warnings.warn(
-            f"the store {store.path} lacks maps: missing methods {missing or 'none'}, incomplete {incomplete or 'none'}; "
+            f"the store {store.path} lacks maps: missing methods {missing or 'none'}, "
+            f"incomplete {incomplete or 'none'}; "
             "the report scores the samples every remaining method has (rerun explain.py to complete it)",
             MissingMapsWarning,
             stacklevel=2,
