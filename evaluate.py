@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fame.entry import check_group_choices, one_line_errors
+from fame.entry import check_group_choices, log_to_console, one_line_errors
 from fame.stages import evaluate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -14,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(config: DictConfig) -> None:
+    log_to_console()  # the stages' messages on stdout, from rank zero
     with one_line_errors("evaluate.py", config):  # bad input: one line on stderr, exit 2, no traceback
         evaluate(config)
 

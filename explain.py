@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fame.entry import check_group_choices, one_line_errors
+from fame.entry import check_group_choices, log_to_console, one_line_errors
 from fame.stages import explain, featuremap
 from fame.sweeps import job_files_subdir, prepare_sweep_job
 
@@ -20,6 +20,7 @@ OmegaConf.register_new_resolver("sweep_job_files", job_files_subdir, replace=Tru
 
 @hydra.main(config_path="configs", config_name="explain", version_base="1.3")
 def main(config: DictConfig) -> None:
+    log_to_console()  # the stages' messages on stdout, from rank zero
     with one_line_errors("explain.py", config):  # bad input: one line on stderr, exit 2, no traceback
         prepare_sweep_job(config)
         if config.get("featuremap"):  # experiment=featuremap: the Sec. 4.1 experiment instead of a map store

@@ -1,8 +1,10 @@
-"""What the entry points share: the one-line report of bad input (exit status 2) and the check of
-command-line group choices before Hydra composes anything (README, Bad input)."""
+"""What the entry points share: the console for the stages' messages, the one-line report of bad input
+(exit status 2) and the check of command-line group choices before Hydra composes anything (README, Bad
+input)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,30 @@ from .store import StoreError, StoreMismatch
 USER_ERRORS = (ConfigError, FileNotFoundError, StoreError, CorruptSampleError)
 #: Longest value shown for one differing key of a store.
 SHOWN_VALUE = 80
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes each record as its bare message: information on stdout, where the stages printed their
+    lines; warnings and errors on stderr, where Python's last-resort handler writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        super().emit(record)
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """Show the ``fame`` loggers' records from ``level`` up on the console (:class:`ConsoleHandler`, once
+    per process); the stages' loggers emit on global rank zero only (:mod:`fame.lightning.rank_zero`).
+    The configs set ``hydra/job_logging: none``, so Hydra adds no handler of its own."""
+    logger = logging.getLogger("fame")
+    logger.setLevel(level)
+    if not any(isinstance(handler, ConsoleHandler) for handler in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.propagate = False  # a handler another library puts on the root logger would repeat each line
 
 
 def _shown(value: Any) -> str:

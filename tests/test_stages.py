@@ -1,5 +1,6 @@
 """The three stages on the real configs, composed with tiny limits, on CPU."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -90,12 +91,13 @@ def test_train_config_errors_name_the_key(tmp_path):
         train(config("train", tmp_path, "module.optimizer=adam"))
 
 
-def test_a_finished_run_is_not_resumed_by_another_configuration(trained, capsys):
+def test_a_finished_run_is_not_resumed_by_another_configuration(trained, caplog):
     output, _ = trained
     runs = output / "shapes" / "train" / "runs"
     before = set(runs.iterdir())
+    caplog.set_level(logging.INFO, logger="fame")
     train(config("train", output, *QUICK_TRAIN, "seed=1", "logger.enabled=false"))  # another seed: a new run
-    assert "training in" in capsys.readouterr().out
+    assert "training in" in caplog.text
     train(config("train", output, *QUICK_TRAIN, "logger.enabled=false"))  # same config, finished: a fresh run too
     after = set(runs.iterdir())
     assert len(after - before) == 2 and all((run / "FINISHED").exists() for run in after)

@@ -1,6 +1,7 @@
 """The map store's format 2: batched reads, many writers, kill -9, damaged segments found and recomputed,
 format 1 converted, settings bound on the first written map, one explain run per store."""
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -185,7 +186,7 @@ def flip_a_bit(segment: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, count", [(delete, 6), (truncate, None), (flip_a_bit, 1)])
-def test_a_damaged_segment_is_named_on_read_and_recomputed_by_explain(tmp_path, capsys, damage, count):
+def test_a_damaged_segment_is_named_on_read_and_recomputed_by_explain(tmp_path, caplog, damage, count):
     store = explain(stage_config(tmp_path, "explainer=[random]"))
     intact = store.read("random")
     (segment,) = (tmp_path / "maps.zarr" / "random").glob("*.maps")
@@ -199,9 +200,10 @@ def test_a_damaged_segment_is_named_on_read_and_recomputed_by_explain(tmp_path, 
     message = str(error)
     assert "\n" not in message and "random" in message and str(error.rows[0]) in message and error.ids[0] in message
     assert MapStore(store.path).missing_rows("random").size == 0  # written, but not readable
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="fame")
     store = explain(stage_config(tmp_path, "explainer=[random]"))
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert f"random: {len(error.rows)} stored maps are damaged" in printed and error.ids[0] in printed
     assert f"{len(error.rows)} samples explained" in printed
     np.testing.assert_array_equal(MapStore(store.path).read("random"), intact)  # the random floor is seeded per id

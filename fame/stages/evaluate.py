@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from ..config import ConfigError, check_file_data, config_targets, instantiate, lookup, plain, trusted_file
 from ..data.modules import collate_items
 from ..lightning.explain import ExplainProgressBar, Indexed
+from ..lightning.rank_zero import rank_zero_logger
 from ..lightning.score import ScoreModule, ScoreWriter
 from ..metrics.scoring import Scoring
 from ..pipeline import build_logger, explained_dataset, explained_model, sanity_records
@@ -35,6 +36,8 @@ from ..store import DamagedMaps, MapStore
 from ..sweeps import read_sweep
 from ..tasks import task_of
 from ..viz import save_overlay_grid
+
+log = rank_zero_logger(__name__)
 
 
 class MissingMapsWarning(UserWarning):
@@ -202,7 +205,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
     pair = task.pair_threshold(model, Subset(dataset, rows.tolist()), config.batch_size, device)
     if pair is not None:  # on every rank: each one's batches are scored at this threshold
         threshold, eer = pair
-        print(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
+        log.info(f"clean EER {eer:.4f} at threshold {threshold:.4f} ({len(rows)} pairs)")
     scoring = scoring_of(config)
     records: List[Dict[str, Any]] = []
     sanity_layers: List[str] = []
@@ -239,7 +242,7 @@ def score_store(config: DictConfig, store: MapStore) -> Tuple[pd.DataFrame, Dict
         records += writer.merge(trainer.world_size, rows)
     frame = pd.DataFrame.from_records(records, columns=["method", "metric", "level", "value", "sample_id"])
     if left_out and trainer.is_global_zero:
-        print(
+        log.info(
             f"{len(left_out)} samples left out of every method's scores: FAME took no step on them "
             f"({', '.join(f'{k}: {len(v)}' for k, v in excluded.items())}); exclude_empty=false keeps them"
         )
@@ -291,8 +294,8 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
     if context["sanity_layers"]:
         figures["sanity"] = report.plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
     figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
-    print(table)
-    print(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
+    log.info(table)
+    log.info(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
     log_to_wandb(config, summary, table, figures)
     return frame
 
@@ -371,7 +374,7 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
     )
     table.to_csv(output / "sweep.csv", index=False)
     report.plot_sweep(table, parameter, output / "sweep.png")
-    print(table.to_string())
+    log.info(table.to_string())
     written = [output / "sweep.csv", output / "sweep.png"]
     if missing:  # points whose store lacks some methods: named next to the table
         notes = pd.DataFrame(
@@ -379,6 +382,6 @@ def evaluate_sweep(config: DictConfig) -> pd.DataFrame:
         )
         notes.to_csv(output / "sweep_missing.csv", index=False)
         written.append(output / "sweep_missing.csv")
-        print("methods missing from some sweep points:\n" + notes.to_string(index=False))
-    print(f"wrote {', '.join(str(path) for path in written)}")
+        log.info("methods missing from some sweep points:\n" + notes.to_string(index=False))
+    log.info(f"wrote {', '.join(str(path) for path in written)}")
     return pd.concat([f.assign(**{parameter: value}) for value, f in frames.items()], ignore_index=True)

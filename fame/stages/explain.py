@@ -23,11 +23,14 @@ from ..config import ConfigError, instantiate, plain
 from ..data.modules import collate_items
 from ..explain import FameConfig
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
+from ..lightning.rank_zero import rank_zero_logger
 from ..pipeline import BUILD_KEYS, explained_dataset, explained_model, method_options, selected_methods
 from ..provenance import checkpoint_digest, environment
 from ..schemas import ExplainConfig, check, fame_options
 from ..store import MapStore, StoreBusy, StoreClaim
 from ..tasks import task_of
+
+log = rank_zero_logger(__name__)
 
 #: Loader settings that do not change any map: left out of the store's identity.
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory")
@@ -88,7 +91,7 @@ def auto_batch_size(config: DictConfig, model: nn.Module, sample: Dict[str, Any]
         model.to(device), tuple(image.shape), fame_config, device, images_per_sample=task.images_per_sample
     )
     model.cpu()
-    print(f"batch_size=auto: {size} samples per batch on {device}")
+    log.info(f"batch_size=auto: {size} samples per batch on {device}")
     return size
 
 
@@ -116,7 +119,7 @@ def recompute_damaged(store: MapStore, methods: List[str]) -> None:
         for entry in store.outputs(method):
             damaged = store.discard_damaged(entry)
             if damaged:
-                print(
+                log.info(
                     f"{entry}: {len(damaged)} stored maps are damaged (missing, cut short or failing their "
                     f"checksum), e.g. {', '.join(damaged[:5])}; recomputing them"
                 )
@@ -175,7 +178,7 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
             # provenance, not identity: it follows from the data and model (both in the identity), and
             # the clean scores move by ~1e-7 with the batch size, which must not refuse a resumed store
             built["threshold"] = derived["eer_threshold"] = task.pair_threshold(model, dataset, batch_size)[0]
-            print(f"{name}: threshold = EER threshold of the clean scores, {built['threshold']:.4f}")
+            log.info(f"{name}: threshold = EER threshold of the clean scores, {built['threshold']:.4f}")
         stored_name = store.begin_method(
             name, settings, outputs=list(task.outputs), new_group=config.new_group, provenance={**provenance, **derived}
         )
@@ -184,7 +187,7 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
     recompute_damaged(store, [method.name for method in methods])
     rows = MissingRows(dataset, store, [method.name for method in methods])
     if len(rows) == 0:
-        print(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
+        log.info(f"every map of {[m.name for m in methods]} is already in {store.path} with these settings")
         return store
     loader = DataLoader(
         rows, batch_size=batch_size, shuffle=False, collate_fn=collate_items, num_workers=config.get("num_workers", 0)
@@ -196,5 +199,5 @@ def explain_into(config: DictConfig, store: MapStore, model: nn.Module, dataset,
     module = ExplainModule(model, methods, store.path)
     trainer.predict(module, loader, return_predictions=False)
     if trainer.is_global_zero:
-        print(f"{len(rows)} samples explained with {', '.join(m.name for m in methods)}; maps in {store.path}")
+        log.info(f"{len(rows)} samples explained with {', '.join(m.name for m in methods)}; maps in {store.path}")
     return store

@@ -16,9 +16,12 @@ from omegaconf import DictConfig
 
 from ..explain import explain_feature_map, feature_map_size
 from ..featuremap import feature_map_sheet, outside_mass_by_location, subset_grid, summarize_layers
+from ..lightning.rank_zero import rank_zero_logger
 from ..pipeline import explained_dataset, explained_model, selected_methods
 from ..schemas import FeaturemapConfig, check, fame_options
 from ..tasks import explained_inputs, task_of
+
+log = rank_zero_logger(__name__)
 
 
 def featuremap(config: DictConfig) -> pd.DataFrame:
@@ -61,6 +64,8 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
             gap=4,
             line_width=2,
         )
-    print(summary.to_string(index=False))
-    print(f"wrote {output / 'outside_mass.md'}, the per-location CSV and {len(items)} sheets of {settings.sheet_layer}")
+    log.info(summary.to_string(index=False))
+    log.info(
+        f"wrote {output / 'outside_mass.md'}, the per-location CSV and {len(items)} sheets of {settings.sheet_layer}"
+    )
     return summary

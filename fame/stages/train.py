@@ -16,10 +16,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import ConfigError, config_digest, config_targets, instantiate, plain, trusted_file
 from ..lightning.checkpoints import check_module_checkpoint
+from ..lightning.rank_zero import rank_zero_logger
 from ..lightning.resume import ExactResume
 from ..pipeline import build_datamodule, build_logger, finish_wandb
 from ..schemas import TrainConfig, check
 from ..viz import save_monitor_curves
+
+log = rank_zero_logger(__name__)
 
 FINISHED = "FINISHED"
 #: Keys that do not change what is trained: a run that differs only in these resumes the same folder.
@@ -142,7 +145,7 @@ def readable_checkpoint(run_dir: Path) -> Optional[str]:
             zipfile.ZipFile(candidate).close()
             return str(candidate)
         except zipfile.BadZipFile:
-            print(f"skipping the unreadable checkpoint {candidate} (a kill interrupted its writing)")
+            log.info(f"skipping the unreadable checkpoint {candidate} (a kill interrupted its writing)")
     return None
 
 
@@ -184,9 +187,9 @@ def train(config: DictConfig) -> Dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
     if resume:
-        print(f"resuming the unfinished run {run_dir} from {resume}")
+        log.info(f"resuming the unfinished run {run_dir} from {resume}")
     else:
-        print(f"training in {run_dir}")
+        log.info(f"training in {run_dir}")
 
     if config.data.get("num_classes", 0) is None:  # read from the data (e.g. a RecordIO header)
         with open_dict(config):
@@ -211,9 +214,9 @@ def train(config: DictConfig) -> Dict[str, float]:
         (run_dir / "metrics.yaml").write_text(yaml.safe_dump(metrics))
         curves = save_monitor_curves(run_dir / "csv" / "metrics.csv", run_dir / "monitor_curves.png")
         if curves is not None:
-            print(f"explanation monitor curves: {curves}")
+            log.info(f"explanation monitor curves: {curves}")
         (run_dir / FINISHED).write_text("")
     finish_wandb(wandb)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
-    print(f"{summary}; checkpoint written to {config.checkpoint or run_dir / 'model.ckpt'} (run folder {run_dir})")
+    log.info(f"{summary}; checkpoint written to {config.checkpoint or run_dir / 'model.ckpt'} (run folder {run_dir})")
     return metrics
