@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from hydra.utils import get_class
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -54,8 +55,8 @@ def build_logger(config: DictConfig, job: str):
 
 
 def finish_wandb(logger: Any) -> None:
-    """Close a W&B run so its offline files are complete."""
-    if logger is not None and hasattr(logger, "experiment"):
+    """Close a W&B run so its offline files are complete (other loggers need no closing)."""
+    if isinstance(logger, WandbLogger):
         logger.experiment.finish()
 
 

@@ -173,3 +173,16 @@ def test_the_lightning_adapters_import_neither_the_config_nor_the_stages():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_finishing_a_run_closes_wandb_only(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from fame.pipeline import finish_wandb
+
+    csv = CSVLogger(str(tmp_path))
+    csv.log_metrics({"loss": 1.0})
+    finish_wandb(csv)  # a CSV logger has no run to finish: train.py logger=csv ended with an AttributeError
+    finish_wandb(None)
+    csv.save()
+    assert (Path(csv.log_dir) / "metrics.csv").is_file()
