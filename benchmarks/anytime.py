@@ -125,7 +125,13 @@ def scores(model, images, targets, masks, maps, reference, full: bool) -> dict:
         noise_seeds = torch.arange(images.shape[0])
         morf, lerf = (
             road_curve(
-                model, images, maps, targets, ROAD_PERCENTAGES, most_relevant_first=first, noise_seeds=noise_seeds,
+                model,
+                images,
+                maps,
+                targets,
+                ROAD_PERCENTAGES,
+                most_relevant_first=first,
+                noise_seeds=noise_seeds,
                 batch_size=64,
             ).probability.mean(dim=1)
             for first in (True, False)
@@ -149,7 +155,11 @@ def mean_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> l
 
 
 def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict) -> dict:
-    row = {"setting": name, "mean_iterations": float(iterations.mean()), "iteration_fraction": float(iterations.mean()) / PAPER_T}
+    row = {
+        "setting": name,
+        "mean_iterations": float(iterations.mean()),
+        "iteration_fraction": float(iterations.mean()) / PAPER_T,
+    }
     for metric, values_of_metric in values.items():
         advantage = METRICS[metric] * (values_of_metric - paper[metric])
         row[metric] = float(values_of_metric.mean())
@@ -161,9 +171,9 @@ def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict) -> d
 
 def markdown(rows: list, meta: dict) -> str:
     metrics = [m for m in METRICS if m in rows[0]]
-    header = "| setting | mean iterations | " + " | ".join(
-        f"{m} (advantage vs 500 steps, 95 % CI)" for m in metrics
-    ) + " |"
+    header = (
+        "| setting | mean iterations | " + " | ".join(f"{m} (advantage vs 500 steps, 95 % CI)" for m in metrics) + " |"
+    )
     lines = [
         f"Anytime FAME on {meta['description']}; {meta['images']} held-out images; "
         f"advantage oriented so that > 0 favours the setting (paired bootstrap, {meta['resamples']} resamples).",
@@ -195,14 +205,19 @@ def plot(rows: list, path: Path) -> None:
         x = [row["mean_iterations"] for row in fixed]
         axis.plot(x, [row[metric] for row in fixed], "o-", color="black", label="fixed T")
         axis.fill_between(
-            x, [row[f"{metric}_ci"][0] for row in fixed], [row[f"{metric}_ci"][1] for row in fixed],
-            color="gray", alpha=0.25,
+            x,
+            [row[f"{metric}_ci"][0] for row in fixed],
+            [row[f"{metric}_ci"][1] for row in fixed],
+            color="gray",
+            alpha=0.25,
         )
         for row in rules:
             axis.errorbar(
-                row["mean_iterations"], row[metric],
+                row["mean_iterations"],
+                row[metric],
                 yerr=[[row[metric] - row[f"{metric}_ci"][0]], [row[f"{metric}_ci"][1] - row[metric]]],
-                fmt="s", label=row["setting"],
+                fmt="s",
+                label=row["setting"],
             )
         axis.set_xscale("log")
         axis.set_xlabel("mean iterations per image")
@@ -216,8 +231,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="24 images, the candidate rule only; one JSON line")
     parser.add_argument("--images", type=int, default=None, help="held-out images (24 quick, 64 full)")
-    parser.add_argument("--rules", nargs="+", choices=sorted(RULES), default=None,
-                        help=f"stopping rules to run (quick: {CANDIDATE}; full: all)")
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        choices=sorted(RULES),
+        default=None,
+        help=f"stopping rules to run (quick: {CANDIDATE}; full: all)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -238,7 +258,10 @@ def main() -> None:
     for name, changes in rules.items():
         maps, iterations = rule_maps(model, images, targets, config.replace(**changes))
         settings[name] = (maps, iterations.numpy())
-    values = {name: scores(model, images, targets, masks, maps, reference, not args.quick) for name, (maps, _) in settings.items()}
+    values = {
+        name: scores(model, images, targets, masks, maps, reference, not args.quick)
+        for name, (maps, _) in settings.items()
+    }
     paper = values[f"T={PAPER_T}"]
     rows = [summarize(name, iterations, values[name], paper) for name, (_, iterations) in settings.items()]
     candidate = next(row for row in rows if row["setting"] == CANDIDATE)

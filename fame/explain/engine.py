@@ -167,11 +167,7 @@ class FameConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"FameConfig.{name} must be an integer >= {low}, got {value!r}")
         tolerance = self.settle_tolerance
-        if (
-            isinstance(tolerance, bool)
-            or not isinstance(tolerance, numbers.Real)
-            or not -1.0 <= tolerance < 1.0
-        ):
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not -1.0 <= tolerance < 1.0:
             raise ValueError(f"FameConfig.settle_tolerance must be a number in [-1, 1), got {tolerance!r}")
 
     @property
@@ -470,7 +466,6 @@ class InputGradient:
                 )
 
 
-
 def rank_correlation(first: Tensor, second: Tensor) -> Tensor:
     """Spearman rank correlation of each row of ``first`` (B, N) with the same row of ``second``.
 
@@ -567,8 +562,8 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     ``index`` (the positions of ``images`` in the original batch) lets finished samples leave the
     batch, so later iterations cost less; a plain one runs on the whole batch with finished
     samples frozen. ``config.stop`` adds a per-sample stopping rule (``FlipRule``, ``SettledRule``),
-    checked at x_t before the step like epsilon. ``epsilon="task"`` reads as None here (no early stop); the explain functions
-    resolve it for their task. The precision, channels-last and compile settings of ``config``
+    checked at x_t before the step like epsilon. ``epsilon="task"`` reads as None here (no early
+    stop); the explain functions resolve it for their task. The precision, channels-last and compile settings of ``config``
     apply to the objective's evaluation; x_t, the step and the statistics stay in the images'
     dtype (float32 for lower-precision images). A loss that becomes non-finite raises a
     FloatingPointError naming the samples. The caller is responsible for leaving inference mode
