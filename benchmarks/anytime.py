@@ -66,8 +66,8 @@ RULES = {
     "flip+0": {"stop": "flip", "stop_after": 0},
     "flip+10": {"stop": "flip", "stop_after": 10},
     "flip+25": {"stop": "flip", "stop_after": 25},
-    "settled 0.95": {"stop": "settled", "settle_every": 10, "settle_tolerance": 0.95, "settle_size": 16},
-    "settled 0.99": {"stop": "settled", "settle_every": 10, "settle_tolerance": 0.99, "settle_size": 16},
+    "settled-0.95": {"stop": "settled", "settle_every": 10, "settle_tolerance": 0.95, "settle_size": 16},
+    "settled-0.99": {"stop": "settled", "settle_every": 10, "settle_tolerance": 0.99, "settle_size": 16},
 }
 CANDIDATE = "flip+10"
 ROAD_PERCENTAGES = tuple(range(10, 100, 10))
@@ -154,11 +154,11 @@ def mean_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> l
     return [float(v) for v in np.quantile(counts @ values / values.size, [0.025, 0.975])]
 
 
-def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict) -> dict:
+def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict, paper_iterations: int) -> dict:
     row = {
         "setting": name,
         "mean_iterations": float(iterations.mean()),
-        "iteration_fraction": float(iterations.mean()) / PAPER_T,
+        "iteration_fraction": float(iterations.mean()) / paper_iterations,
     }
     for metric, values_of_metric in values.items():
         advantage = METRICS[metric] * (values_of_metric - paper[metric])
@@ -172,7 +172,7 @@ def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict) -> d
 def markdown(rows: list, meta: dict) -> str:
     metrics = [m for m in METRICS if m in rows[0]]
     header = (
-        "| setting | mean iterations | " + " | ".join(f"{m} (advantage vs 500 steps, 95 % CI)" for m in metrics) + " |"
+        "| setting | mean iterations | " + " | ".join(f"{m} (advantage vs the largest T, 95 % CI)" for m in metrics) + " |"
     )
     lines = [
         f"Anytime FAME on {meta['description']}; {meta['images']} held-out images; "
@@ -238,6 +238,13 @@ def main() -> None:
         default=None,
         help=f"stopping rules to run (quick: {CANDIDATE}; full: all)",
     )
+    parser.add_argument(
+        "--grid",
+        type=int,
+        nargs="+",
+        default=GRID,
+        help="fixed iterations T compared; the largest is the reference (the paper's 500)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -250,11 +257,13 @@ def main() -> None:
     with torch.no_grad():
         targets = torch.cat([model(images[i : i + 64]).argmax(1) for i in range(0, count, 64)])
     config = paper_config()
-    fixed = fixed_grid_maps(model, images, targets, config, GRID)
-    reference = fixed[PAPER_T]
+    grid = tuple(sorted(set(args.grid)))
+    config = config.replace(iterations=grid[-1])
+    fixed = fixed_grid_maps(model, images, targets, config, grid)
+    reference = fixed[grid[-1]]
     chosen = args.rules or ([CANDIDATE] if args.quick else list(RULES))
     rules = {name: RULES[name] for name in dict.fromkeys([CANDIDATE, *chosen])}
-    settings = {f"T={steps}": (fixed[steps], np.full(count, steps)) for steps in GRID}
+    settings = {f"T={steps}": (fixed[steps], np.full(count, steps)) for steps in grid}
     for name, changes in rules.items():
         maps, iterations = rule_maps(model, images, targets, config.replace(**changes))
         settings[name] = (maps, iterations.numpy())
@@ -262,8 +271,8 @@ def main() -> None:
         name: scores(model, images, targets, masks, maps, reference, not args.quick)
         for name, (maps, _) in settings.items()
     }
-    paper = values[f"T={PAPER_T}"]
-    rows = [summarize(name, iterations, values[name], paper) for name, (_, iterations) in settings.items()]
+    paper = values[f"T={grid[-1]}"]
+    rows = [summarize(name, iterations, values[name], paper, grid[-1]) for name, (_, iterations) in settings.items()]
     candidate = next(row for row in rows if row["setting"] == CANDIDATE)
     line = {
         "metric": "deletion_auc",
