@@ -172,7 +172,9 @@ def summarize(name: str, iterations: np.ndarray, values: dict, paper: dict, pape
 def markdown(rows: list, meta: dict) -> str:
     metrics = [m for m in METRICS if m in rows[0]]
     header = (
-        "| setting | mean iterations | " + " | ".join(f"{m} (advantage vs the largest T, 95 % CI)" for m in metrics) + " |"
+        "| setting | mean iterations | "
+        + " | ".join(f"{m} (advantage vs the largest T, 95 % CI)" for m in metrics)
+        + " |"
     )
     lines = [
         f"Anytime FAME on {meta['description']}; {meta['images']} held-out images; "

@@ -87,7 +87,7 @@ def test_store_scale_quick_run_reports_every_figure(tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["store_scale_quick.json", "store_scale_quick.md"]
 
 
-@pytest.mark.slow  # about 30 s of ROAD imputation and descent on 2 busy cores; make test-all runs it
+@pytest.mark.slow  # 106 s on the shared 2-core machine (ROAD imputation, descents); make test-all runs it
 def test_anytime_run_scores_the_grid_and_a_stopping_rule(tmp_path, monkeypatch, capsys):
     arguments = ["--images", 2, "--grid", 2, 4, "--rules", "flip+0", "--threads", 1, "--out", tmp_path]
     run_script("anytime.py", arguments, monkeypatch)
