@@ -565,9 +565,9 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     checked at x_t before the step like epsilon. ``epsilon="task"`` reads as None here (no early
     stop); the explain functions resolve it for their task. The precision, channels-last and
     compile settings of ``config`` apply to the objective's evaluation; x_t, the step and the
-    statistics stay in the images' dtype (float32 for lower-precision images). A loss that becomes non-finite raises a
-    FloatingPointError naming the samples. The caller is responsible for leaving inference mode
-    and for the model's state (see ``explain``).
+    statistics stay in the images' dtype (float32 for lower-precision images). A loss that
+    becomes non-finite raises a FloatingPointError naming the samples. The caller is responsible
+    for leaving inference mode and for the model's state (see ``explain``).
     """
     config = config or FameConfig()
     check_images(images)

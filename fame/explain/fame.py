@@ -117,8 +117,8 @@ def explain_verification(
     side). The paper stops each sample once its loss is below 0.01: ``epsilon="task"``, the
     default of every FameConfig, means exactly that here, so a config that changes other fields
     keeps it; pass ``epsilon=None`` to run all T steps. ``threshold`` (one number or one per pair)
-    is the verification threshold on s that ``stop="flip"`` watches. All modes run as one batch. Returns
-    ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with ``return_stats=True``).
+    is the verification threshold on s that ``stop="flip"`` watches. All modes run as one batch.
+    Returns ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with ``return_stats=True``).
     """
     config = (config or FameConfig()).for_task("verification")
     check_images(images)
