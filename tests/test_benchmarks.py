@@ -85,3 +85,21 @@ def test_store_scale_quick_run_reports_every_figure(tmp_path, monkeypatch):
     assert evaluated["rows"] == 40 and evaluated["scores"] > 0
     assert 0 < evaluated["store_seconds"] < evaluated["seconds"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["store_scale_quick.json", "store_scale_quick.md"]
+
+
+@pytest.mark.slow  # 106 s on the shared 2-core machine (ROAD imputation, descents); make test-all runs it
+def test_anytime_run_scores_the_grid_and_a_stopping_rule(tmp_path, monkeypatch, capsys):
+    arguments = ["--images", 2, "--grid", 2, 4, "--rules", "flip+0", "--threads", 1, "--out", tmp_path]
+    run_script("anytime.py", arguments, monkeypatch)
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["metric"] == "deletion_auc" and len(line["advantage_ci"]) == 2
+    assert 0 < line["iteration_fraction"] <= 1
+    figures = json.loads((tmp_path / "anytime.json").read_text())
+    settings = [row["setting"] for row in figures["rows"]]
+    assert settings == ["T=2", "T=4", "flip+10", "flip+0"]  # the candidate rule always runs
+    reference = figures["rows"][1]
+    assert reference["agreement_500"] == pytest.approx(1.0) and reference["deletion_auc_advantage_ci"] == [0.0, 0.0]
+    for row in figures["rows"]:
+        assert {"road_gap", "pointing_game", "relevance_mass"} <= set(row)
+        assert row["mean_iterations"] <= 4
+    assert (tmp_path / "anytime.png").stat().st_size > 0 and "| flip+10 |" in (tmp_path / "anytime.md").read_text()

@@ -5,7 +5,8 @@ LOTS procedure of Rozsa, Günther & Boult (IJCB 2017). Given a per-sample loss `
 
     x_0 = x
     x_{t+1} = x_t - eta * g_t / max|g_t|          g_t = dL/dx at x_t, max per sample
-    a sample stops once L(x_t) < epsilon (when set) or after T iterations
+    a sample stops once L(x_t) < epsilon (when set), once its stopping rule fires (``stop``:
+    "flip", "settled") or after T iterations
     map = normalize(blur(|gray(x_T) - gray(x)| / max|gray(x_T) - gray(x)|))
 
 docs/method.md gives the details (#update-rule, #stopping, #map) and the defaults (#defaults).
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -43,6 +45,9 @@ LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 #: Added to the min-max (or max) denominator so an empty map stays zero instead of NaN.
 NORMALIZATION_EPS = 1e-8
 NORMALIZATIONS = ("minmax", "max", "none")
+#: ``FameConfig.stop``: all T steps (the paper's), ``stop_after`` steps after the explained decision
+#: flips, or once the map has settled (docs/method.md#stopping).
+STOPPING_RULES = ("fixed", "flip", "settled")
 
 
 #: ``FameConfig.epsilon``'s default: the stopping threshold of the task being explained.
@@ -77,6 +82,17 @@ class FameConfig:
     channels_last:  run the model in channels-last memory format (faster convolutions on tensor
                     cores); the explain functions convert a copy of the model's 4-D weights for
                     the run and give the model back exactly as it was.
+    stop:           the stopping rule (docs/method.md#stopping): "fixed" runs T steps (the paper's);
+                    "flip" stops a sample ``stop_after`` steps after the explained decision flips
+                    (the class o is no longer the top class; a verification similarity crosses the
+                    pair's threshold), which needs an objective with ``loss_and_margin``; "settled"
+                    stops a sample at step t (a multiple of ``settle_every``) once the rank
+                    correlation of its low-resolution map at x_t with the one at x_{t - k} is above
+                    ``settle_tolerance``. T stays the most steps a sample takes; epsilon still applies.
+    stop_after:     steps taken after the flip (0: stop at the first x_t whose decision flipped).
+    settle_every:   k, the steps between two comparisons of the settled rule.
+    settle_tolerance: the rank correlation (Spearman) above which a map counts as settled, in [-1, 1).
+    settle_size:    side of the low-resolution map the settled rule compares (area-averaged).
     compile:        ``torch.compile`` the forward pass and its input gradient (backward compiled
                     by AOTAutograd). The active batch is padded to the next power of two so that
                     early stopping compiles a handful of sizes, not one per step. Costs a compile
@@ -94,6 +110,11 @@ class FameConfig:
     precision: str = "32"
     channels_last: bool = False
     compile: bool = False
+    stop: str = "fixed"
+    stop_after: int = 10
+    settle_every: int = 10
+    settle_tolerance: float = 0.95
+    settle_size: int = 16
 
     def __post_init__(self) -> None:
         if (
@@ -131,9 +152,23 @@ class FameConfig:
                 raise ValueError(f"FameConfig.clamp must be (low, high) with low < high, got {self.clamp}")
             object.__setattr__(self, "clamp", (float(low), float(high)))
         object.__setattr__(self, "precision", check_precision(self.precision))
+        self._check_stopping()
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FameConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _check_stopping(self) -> None:
+        if self.stop not in STOPPING_RULES:
+            raise ValueError(
+                f"unknown FameConfig.stop {self.stop!r}; choose one of {', '.join(map(repr, STOPPING_RULES))}"
+            )
+        for name, low in (("stop_after", 0), ("settle_every", 1), ("settle_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"FameConfig.{name} must be an integer >= {low}, got {value!r}")
+        tolerance = self.settle_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not -1.0 <= tolerance < 1.0:
+            raise ValueError(f"FameConfig.settle_tolerance must be a number in [-1, 1), got {tolerance!r}")
 
     @property
     def odd_blur_kernel(self) -> Optional[int]:
@@ -338,11 +373,30 @@ class InputGradient:
         self.dtype = dtype
         self.batch = batch
         self.loss_scale = LossScale(config.precision == "16-mixed")
+        self.with_margin = config.stop == "flip"
+        if self.with_margin and not hasattr(objective, "loss_and_margin"):
+            raise ValueError(
+                "FameConfig.stop='flip' needs the explained decision's margin: an objective with "
+                "loss_and_margin(images, index) -> (loss, margin), such as the classification and "
+                f"verification objectives; {type(objective).__name__} has none"
+            )
+        #: the decision margins of the active samples at the last ``loss_and_gradient`` (stop="flip")
+        self.margin: Optional[Tensor] = None
         self.compiled = torch.compile(self._forward, dynamic=True) if config.compile else None
 
-    def _forward(self, inputs: Tensor, index: Tensor) -> Tensor:
+    def _forward(self, inputs: Tensor, index: Tensor):
         with forward_autocast(self.precision, self.device):
+            if self.with_margin:
+                return self.objective.loss_and_margin(inputs, index)
             return self.objective(inputs, index) if self.subset else self.objective(inputs)
+
+    def _split(self, output, inputs: Tensor, active: Tensor) -> Tensor:
+        """The loss of ``output``; its margin (stop="flip") is kept in ``self.margin``."""
+        if not self.with_margin:
+            return self._checked(output, inputs)
+        loss, margin = output
+        self.margin = self._select(self._checked(margin, inputs).detach(), active)
+        return self._checked(loss, inputs)
 
     def _inputs(self, current: Tensor, active: Tensor, all_index: Tensor, padded: bool):
         index = active if self.subset else all_index
@@ -384,7 +438,7 @@ class InputGradient:
         """L(x_t) of the active samples, without a graph (eager, also when compiled)."""
         with torch.no_grad():
             inputs, index = self._inputs(current, active, all_index, padded=False)
-            return self._select(self._checked(self._forward(inputs, index), inputs), active)
+            return self._select(self._split(self._forward(inputs, index), inputs, active), active)
 
     def loss_and_gradient(self, current: Tensor, active: Tensor, all_index: Tensor, step: int):
         """(L(x_t), dL/dx_t) of the active samples; "16-mixed" redoes an overflowing step with a smaller scale."""
@@ -393,7 +447,7 @@ class InputGradient:
         # step 0 runs eagerly: objectives validate their targets on the first call
         forward = self._compiled_forward if self.compiled is not None and step > 0 else self._forward
         while True:
-            loss = self._select(self._checked(forward(inputs, index), inputs), active)
+            loss = self._select(self._split(forward(inputs, index), inputs, active), active)
             scale = self.loss_scale.scale
             (gradient,) = torch.autograd.grad(loss.sum() * scale if scale != 1.0 else loss.sum(), inputs)
             gradient = self._select(gradient, active)
@@ -410,6 +464,82 @@ class InputGradient:
                     f"{describe_samples(active[bad])} at iteration {step} even with loss scale 1 under "
                     "precision '16-mixed'; the model overflows float16: use precision 'bf16-mixed' or '32'"
                 )
+
+
+def rank_correlation(first: Tensor, second: Tensor) -> Tensor:
+    """Spearman rank correlation of each row of ``first`` (B, N) with the same row of ``second``.
+
+    Ties get their average rank; a row without variation gives NaN. Computed in float64.
+    """
+
+    def average_ranks(values: Tensor) -> Tensor:
+        values = values.double().contiguous()
+        ordered = values.sort(dim=1).values
+        below = torch.searchsorted(ordered, values, right=False)
+        up_to = torch.searchsorted(ordered, values, right=True)
+        ranks = (below + up_to - 1).double() / 2.0
+        return ranks - ranks.mean(dim=1, keepdim=True)
+
+    a, b = average_ranks(first), average_ranks(second)
+    return (a * b).sum(dim=1) / ((a * a).sum(dim=1) * (b * b).sum(dim=1)).sqrt()
+
+
+def low_resolution_maps(images: Tensor, perturbed: Tensor, size: int) -> Tensor:
+    """|gray(x_t) - gray(x)| averaged over ``size`` x ``size`` cells (the settled rule's map), (B, size * size).
+
+    A side already at most ``size`` is kept as it is. Blur, per-map scaling and normalization are
+    left out: they would not change the ranks much and cost a full-resolution pass.
+    """
+    difference = (to_gray(perturbed) - to_gray(images)).abs().double()
+    if min(difference.shape[-2:]) > size:
+        difference = F.adaptive_avg_pool2d(difference, size)
+    return difference.flatten(1)
+
+
+class FlipRule:
+    """stop="flip": a sample leaves ``stop_after`` steps after the first x_t whose margin is < 0."""
+
+    def __init__(self, config: FameConfig, batch: int, device: torch.device):
+        self.after = int(config.stop_after)
+        self.flipped_at = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+    def keep(self, step: int, active: Tensor, margin: Tensor, **_) -> Tensor:
+        """Which of the active samples take the step from x_``step``."""
+        flipped_at = self.flipped_at[active]
+        flipped_at = torch.where((flipped_at < 0) & (margin < 0), torch.full_like(flipped_at, step), flipped_at)
+        self.flipped_at[active] = flipped_at
+        return (flipped_at < 0) | (step < flipped_at + self.after)
+
+
+class SettledRule:
+    """stop="settled": every k steps a sample's low-resolution map at x_t is compared with the one
+    at x_{t-k} (zero at t = k, so never settled there); rank correlation above the tolerance stops it."""
+
+    def __init__(self, config: FameConfig, images: Tensor):
+        self.every = int(config.settle_every)
+        self.tolerance = float(config.settle_tolerance)
+        self.size = int(config.settle_size)
+        self.images = images
+        cells = low_resolution_maps(images[:1], images[:1], self.size).shape[1]
+        self.previous = torch.zeros(images.shape[0], cells, dtype=torch.float64, device=images.device)
+
+    def keep(self, step: int, active: Tensor, current: Tensor, **_) -> Optional[Tensor]:
+        """Which of the active samples take the step from x_``step`` (None: all of them)."""
+        if step == 0 or step % self.every:
+            return None
+        maps = low_resolution_maps(self.images[active], current[active], self.size)
+        settled = rank_correlation(maps, self.previous[active]) > self.tolerance
+        self.previous[active] = maps
+        return ~settled
+
+
+def stopping_rule(config: FameConfig, images: Tensor):
+    """The per-sample stopping rule of ``config.stop`` (None for the paper's fixed T)."""
+    if config.stop == "flip":
+        return FlipRule(config, images.shape[0], images.device)
+    if config.stop == "settled":
+        return SettledRule(config, images)
+    return None
 
 
 def _raise_nonfinite_loss(bad: Tensor, initial_loss: Tensor, final_loss: Tensor, precision: str) -> None:
@@ -431,12 +561,13 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     ``objective(images) -> (B,)`` is the loss to descend. An objective that also takes
     ``index`` (the positions of ``images`` in the original batch) lets finished samples leave the
     batch, so later iterations cost less; a plain one runs on the whole batch with finished
-    samples frozen. ``epsilon="task"`` reads as None here (no early stop); the explain functions
-    resolve it for their task. The precision, channels-last and compile settings of ``config``
-    apply to the objective's evaluation; x_t, the step and the statistics stay in the images'
-    dtype (float32 for lower-precision images). A loss that becomes non-finite raises a
-    FloatingPointError naming the samples. The caller is responsible for leaving inference mode
-    and for the model's state (see ``explain``).
+    samples frozen. ``config.stop`` adds a per-sample stopping rule (``FlipRule``, ``SettledRule``),
+    checked at x_t before the step like epsilon. ``epsilon="task"`` reads as None here (no early
+    stop); the explain functions resolve it for their task. The precision, channels-last and
+    compile settings of ``config`` apply to the objective's evaluation; x_t, the step and the
+    statistics stay in the images' dtype (float32 for lower-precision images). A loss that
+    becomes non-finite raises a FloatingPointError naming the samples. The caller is responsible
+    for leaving inference mode and for the model's state (see ``explain``).
     """
     config = config or FameConfig()
     check_images(images)
@@ -448,6 +579,7 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     initial_loss = torch.full((batch,), float("nan"), dtype=dtype, device=device)
     final_loss = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+    rule = stopping_rule(config, images.detach().to(dtype=dtype))
 
     context = ExitStack()
     context.enter_context(engine_arithmetic(config.precision, device))
@@ -470,11 +602,19 @@ def lots_perturbation(objective: ObjectiveFn, images: Tensor, config: Optional[F
                 if bad.numel():
                     _raise_nonfinite_loss(bad, initial_loss, initial_loss, config.precision)
             final_loss[active] = loss
+            margin = step_function.margin
             if epsilon is not None:  # without early stopping: no masking, no device sync
                 keep = loss >= epsilon
                 active, gradient = active[keep], gradient[keep]
+                margin = margin[keep] if margin is not None else None
                 if active.numel() == 0:
                     break
+            if rule is not None:
+                keep = rule.keep(step, active, margin=margin, current=current)
+                if keep is not None:
+                    active, gradient = active[keep], gradient[keep]
+                    if active.numel() == 0:
+                        break
             peak = _per_sample_max(gradient.abs())
             peak = torch.where(peak > 0, peak, torch.ones_like(peak))
             updated = current[active] - config.step_size * (gradient / peak)

@@ -107,6 +107,7 @@ def explain_verification(
     config: Optional[FameConfig] = None,
     modes: Sequence[str] = VERIFICATION_MODES,
     return_stats: bool = False,
+    threshold: Optional[Union[float, Tensor]] = None,
 ):
     """FAME maps for face pairs: which regions of ``images`` support ("similar", e+) or oppose
     ("dissimilar", e-) the match with ``reference_images``.
@@ -115,8 +116,9 @@ def explain_verification(
     computed once and frozen, so a map explains ``images`` only (swap the roles for the other
     side). The paper stops each sample once its loss is below 0.01: ``epsilon="task"``, the
     default of every FameConfig, means exactly that here, so a config that changes other fields
-    keeps it; pass ``epsilon=None`` to run all T steps. All modes run as one batch. Returns
-    ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with ``return_stats=True``).
+    keeps it; pass ``epsilon=None`` to run all T steps. ``threshold`` (one number or one per pair)
+    is the verification threshold on s that ``stop="flip"`` watches. All modes run as one batch.
+    Returns ``{mode: maps (B, 1, H, W)}`` (and ``{mode: FameStats}`` with ``return_stats=True``).
     """
     config = (config or FameConfig()).for_task("verification")
     check_images(images)
@@ -137,7 +139,9 @@ def explain_verification(
         stacked = inputs.repeat(len(modes), 1, 1, 1)
         dissimilar = torch.tensor([mode == "dissimilar" for mode in modes], device=inputs.device)
         dissimilar = dissimilar.repeat_interleave(batch)
-        objective = CosineToReference(model, reference_embeddings.repeat(len(modes), 1), dissimilar)
+        if isinstance(threshold, Tensor) and threshold.dim() == 1:
+            threshold = threshold.to(inputs.device).repeat(len(modes))
+        objective = CosineToReference(model, reference_embeddings.repeat(len(modes), 1), dissimilar, threshold)
         result = lots_perturbation(objective, stacked, config)
         maps = attribution_map(stacked.to(result.perturbed.dtype), result.perturbed, config)
     out = {mode: maps[k * batch : (k + 1) * batch] for k, mode in enumerate(modes)}

@@ -78,6 +78,10 @@ class ClassLogit:
 
     def __call__(self, images: Tensor, index: Tensor) -> Tensor:
         logits = _forward_2d(self.model, images, "logits")
+        self._check(logits)
+        return classification_loss(logits, self.targets[index], self.loss)
+
+    def _check(self, logits: Tensor) -> None:
         if not self._checked:
             if int(self.targets.max()) >= logits.shape[1] or int(self.targets.min()) < 0:
                 raise ValueError(
@@ -86,31 +90,68 @@ class ClassLogit:
             if self.loss == "margin" and logits.shape[1] < 2:
                 raise ValueError("the margin loss needs at least 2 classes, the model returns 1 logit")
             self._checked = True
-        return classification_loss(logits, self.targets[index], self.loss)
+
+    def loss_and_margin(self, images: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
+        """The loss and the decision margin z_o - max_{j != o} z_j, below 0 once o is no longer the
+        top class (``FameConfig.stop="flip"``), from one forward pass."""
+        logits = _forward_2d(self.model, images, "logits")
+        if logits.shape[1] < 2:
+            raise ValueError("stop='flip' needs at least 2 classes to flip between, the model returns 1 logit")
+        self._check(logits)
+        targets = self.targets[index]
+        return classification_loss(logits, targets, self.loss), classification_loss(logits, targets, "margin")
 
 
 class CosineToReference:
     """Verification loss: s = cos(phi(x), phi_ref) ("similar", e+) or 1 - s ("dissimilar", e-).
 
     Gradients flow through the norm of phi(x); phi_ref is a frozen, L2-normalized embedding per
-    sample; ``dissimilar`` is a boolean per sample choosing 1 - s.
+    sample; ``dissimilar`` is a boolean per sample choosing 1 - s. ``threshold`` (one number or
+    one per sample) is the pair's verification threshold tau, needed by ``FameConfig.stop="flip"``
+    only: the margin is s - tau for "similar" (below 0 once s < tau) and tau - s for "dissimilar".
     """
 
     accepts_index = True
 
-    def __init__(self, model: nn.Module, reference_embeddings: Tensor, dissimilar: Tensor):
+    def __init__(
+        self,
+        model: nn.Module,
+        reference_embeddings: Tensor,
+        dissimilar: Tensor,
+        threshold: Optional[Union[float, Tensor]] = None,
+    ):
         self.model = model
         self.reference = F.normalize(reference_embeddings.detach(), dim=1)
         self.dissimilar = dissimilar
+        self.threshold = None
+        if threshold is not None:
+            threshold = torch.as_tensor(threshold, dtype=self.reference.dtype, device=self.reference.device)
+            self.threshold = threshold.expand(self.reference.shape[0]).clone()
 
-    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+    def similarity(self, images: Tensor, index: Tensor) -> Tensor:
+        """s = cos(phi(images), phi_ref) of the samples at ``index``."""
         embeddings = _forward_2d(self.model, images, "embeddings")
         if embeddings.shape[1] != self.reference.shape[1]:
             raise ValueError(
                 f"embedding size {embeddings.shape[1]} differs from the reference's {self.reference.shape[1]}"
             )
-        similarity = (F.normalize(embeddings, dim=1) * self.reference[index]).sum(dim=1)
+        return (F.normalize(embeddings, dim=1) * self.reference[index]).sum(dim=1)
+
+    def __call__(self, images: Tensor, index: Tensor) -> Tensor:
+        similarity = self.similarity(images, index)
         return torch.where(self.dissimilar[index], 1.0 - similarity, similarity)
+
+    def loss_and_margin(self, images: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
+        """The loss and the margin to the pair's threshold (``FameConfig.stop="flip"``)."""
+        if self.threshold is None:
+            raise ValueError(
+                "FameConfig.stop='flip' for verification needs the pair's threshold: "
+                "explain_verification(..., threshold=tau)"
+            )
+        similarity = self.similarity(images, index)
+        dissimilar, threshold = self.dissimilar[index], self.threshold[index]
+        loss = torch.where(dissimilar, 1.0 - similarity, similarity)
+        return loss, torch.where(dissimilar, threshold - similarity, similarity - threshold)
 
 
 class LayerNotReached(RuntimeError):
