@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ..explain import explain_feature_map, feature_map_size
 from ..featuremap import feature_map_sheet, outside_mass_by_location, subset_grid, summarize_layers
-from ..pipeline import explained_dataset, explained_model, selected_methods
+from ..pipeline import checked_layer, explained_dataset, explained_model, selected_methods
 from ..schemas import FeaturemapConfig, check, fame_options
 from ..tasks import explained_inputs, task_of
 
@@ -34,6 +34,9 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     ids = [str(item["id"]) for item in items]
     images, model = explained_inputs(model, pixels, config.input_space)  # the paper perturbs the normalized tensor
     layers = list(settings.layers)
+    for position, name in enumerate(layers):  # every layer name before the first map
+        checked_layer(model, images[:1], name, f"featuremap.layers.{position}")
+    checked_layer(model, images[:1], settings.sheet_layer, "featuremap.sheet_layer")
     by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations, image_ids=ids)
     summary = summarize_layers(by_location)
     output = Path(settings.output_dir)
