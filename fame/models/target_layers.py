@@ -71,7 +71,7 @@ def target_layer(model: nn.Module) -> nn.Module:
     raise ValueError(
         f"No target layer is known for {type(net).__name__} of {type(net).__module__} (known families: {known}). "
         "Name the layer, a (B, C, H, W) feature map that the forward pass runs once, by its dotted name: "
-        "model.target_layer=<name> (every method), explainer.<method>.layer=<name> (one method) in explain.py, "
+        "explainer.<method>.layer=<name> (one method) in explain.py, model.target_layer=<name> (every method), "
         "or the layer argument in Python. Transformers (ViT, Swin, MaxViT) have no such layer without a reshape."
     )
 
