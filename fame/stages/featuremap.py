@@ -37,7 +37,10 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     for position, name in enumerate(layers):  # every layer name before the first map
         checked_layer(model, images[:1], name, f"featuremap.layers.{position}")
     checked_layer(model, images[:1], settings.sheet_layer, "featuremap.sheet_layer")
-    by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations, image_ids=ids)
+    chunk = settings.get("batch_size")  # locations per FAME batch (null: all of a layer's at once)
+    by_location = outside_mass_by_location(
+        model, images, layers, fame_config, settings.max_locations, batch_size=chunk, image_ids=ids
+    )
     summary = summarize_layers(by_location)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,9 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     height, width = feature_map_size(model, settings.sheet_layer, images[:1])
     locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
-        maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
+        maps = explain_feature_map(
+            model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config, batch_size=chunk
+        )
         image = item[task.image_key]
         scale = max(1, 512 // (image.shape[-1] * width))
         feature_map_sheet(
