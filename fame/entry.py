@@ -5,14 +5,17 @@ input)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from .config import ConfigError
+from .data.folder import count_classes
 from .data.images import CorruptSampleError
 from .store import StoreError, StoreMismatch
 
@@ -20,8 +23,20 @@ from .store import StoreError, StoreMismatch
 #: file, a store that cannot serve this run (other settings, damaged maps, busy, an old layout), an
 #: unreadable sample.
 USER_ERRORS = (ConfigError, FileNotFoundError, StoreError, CorruptSampleError)
+#: A config value left at ``???`` (OmegaConf's mandatory value) that the run needs.
+MISSING_VALUES = (MissingMandatoryValue, InterpolationToMissingValueError)
 #: Longest value shown for one differing key of a store.
 SHOWN_VALUE = 80
+
+# ``data.num_classes`` of configs/data/image_folder.yaml: the classes of the synsets file or of the folder.
+OmegaConf.register_new_resolver("class_count", count_classes, replace=True)
+
+
+def missing_value_line(error: Exception) -> str:
+    """The one-line report of a mandatory config value (``???``) the run needs but was not given."""
+    found = re.search(r"Missing mandatory value: (\S+)", str(error))
+    key = found.group(1) if found else getattr(error, "full_key", "?")
+    return f"config key {key!r} is missing (???); give it on the command line: {key}=..."
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -83,6 +98,9 @@ def one_line_errors(script: str, config: Optional[DictConfig] = None) -> Iterato
     """Report a user error (``USER_ERRORS``) as ``<script>: <one line>`` on stderr and exit with 2."""
     try:
         yield
+    except MISSING_VALUES as error:
+        print(f"{script}: {missing_value_line(error)}", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as error:
         line = error_line(error)
         if isinstance(error, CorruptSampleError) and config is not None and config.data.get("skip_corrupt") is False:

@@ -1,6 +1,6 @@
 """What several stages share, built from a composed config: the device, the data module, the
-explained dataset and model, the selected methods and their options, W&B runs, and the
-model-randomisation sanity check's records (README, Evaluation).
+explained dataset and model, the selected methods and their options, the check of every layer name
+before the first map, W&B runs, and the model-randomisation sanity check's records (README, Evaluation).
 
 The stages (``fame.stages``) import from here and never from each other; what differs by task is
 asked of the task object (:func:`fame.tasks.task_of`).
@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 from . import schemas
 from .config import ConfigError, config_targets, instantiate, lookup, plain, trusted_file
 from .data.modules import collate_items
+from .explain.objectives import check_runs_once, resolve_layer
 from .lightning.checkpoints import load_module_checkpoint
 from .metrics.sanity import RANDOMIZATION_METRICS, cascading_randomization, holds_parameters, layer_blocks
+from .models import name_target_layer, target_layer
 from .schemas import sanity_options
 from .tasks import Task, explained_inputs, predicted_classes, task_of
 
@@ -71,19 +73,30 @@ def explained_model(config: DictConfig) -> nn.Module:
 
     The checkpoint is data (:func:`fame.lightning.checkpoints.load_module_checkpoint`): it must hold
     a ``module._target_`` of the task, and its specs name the project's builders or targets this
-    config names, unless the user trusts it (``trust=[PATH]``).
+    config names, unless the user trusts it (``trust=[PATH]``). ``model.target_layer`` (any model,
+    also ``model=custom``; never passed to the builder) names the layer that methods, the sanity check
+    and the feature-map sheet use where they name none (:func:`fame.models.name_target_layer`).
     """
+    node = plain(config.model) if config.get("model") is not None else {}
+    layer = node.pop("target_layer", None) if isinstance(node, dict) else None
     if config.checkpoint is None:
-        return instantiate(config.model, "model").eval()
-    task = task_of(config.data.task)
-    module = load_module_checkpoint(
-        get_class(config.module._target_),
-        config.checkpoint,
-        trust=trusted_file(config, config.checkpoint),
-        named_targets=config_targets(config.model, config.module),
-    )
-    network = task.network(module, owner=f"checkpoint={config.checkpoint}")
-    return task.checked_network(network, config.data, config.checkpoint).eval()
+        model = instantiate(node, "model").eval()
+    else:
+        task = task_of(config.data.task)
+        module = load_module_checkpoint(
+            get_class(config.module._target_),
+            config.checkpoint,
+            trust=trusted_file(config, config.checkpoint),
+            named_targets=config_targets(config.model, config.module),
+        )
+        network = task.network(module, owner=f"checkpoint={config.checkpoint}")
+        model = task.checked_network(network, config.data, config.checkpoint).eval()
+    if layer is not None:  # model.target_layer: the layer of every method, check and sheet that names none
+        try:
+            name_target_layer(model, str(layer))
+        except ValueError as error:
+            raise ConfigError(f"model.target_layer={layer}: {error}") from None
+    return model
 
 
 def selected_methods(config: DictConfig) -> Dict[str, Any]:
@@ -97,6 +110,44 @@ def method_options(options: Any) -> Dict[str, Any]:
     for key in ("name", *BUILD_KEYS):
         values.pop(key, None)
     return values
+
+
+def seen_network(model: nn.Module, sample: Dict[str, Any], task: Task, input_space: str) -> Tuple[Tensor, nn.Module]:
+    """One sample's image (1, C, H, W) and the network as a method sees them in ``input_space``;
+    ConfigError for ``input_space=normalized`` on a model that does not normalize inside."""
+    image = torch.as_tensor(sample[task.image_key]).float().unsqueeze(0)
+    normalizes_inside = hasattr(model, "normalize") and isinstance(getattr(model, "net", None), nn.Module)
+    if input_space == "normalized" and not normalizes_inside:
+        raise ConfigError(
+            f"input_space=normalized needs a model that normalizes inside (normalize and net, as "
+            f"fame.models.build_classifier gives); the {type(model).__name__} takes its input as it is: "
+            "use input_space=pixels"
+        )
+    return explained_inputs(model, image, input_space)
+
+
+def checked_layer(network: nn.Module, image: Tensor, name: Optional[str], key: str) -> nn.Module:
+    """The layer ``name`` of ``network`` (its target layer when None), refused as a ConfigError naming
+    ``key`` when the network lacks it (close names listed), when no layer is known for the network
+    (how to name one) or when one forward pass of ``image`` runs it other than once."""
+    try:
+        layer = target_layer(network) if name is None else resolve_layer(network, name)
+        check_runs_once(network, layer, image)
+    except ValueError as error:
+        shown = "null (the model's target layer)" if name is None else repr(name)
+        raise ConfigError(f"{key}={shown}: {error}") from None
+    return layer
+
+
+def check_method_layers(config: DictConfig, model: nn.Module, sample: Dict[str, Any]) -> None:
+    """Before the first map: the layer of every selected method that takes one (its ``layer`` option,
+    else the model's target layer) exists and runs once per forward pass of ``sample``, in the input
+    space the methods see (README "Your own model")."""
+    task = task_of(config.data.task)
+    image, network = seen_network(model, sample, task, config.input_space)
+    for key, options in selected_methods(config).items():
+        if "layer" in task.method(str(options["name"])).options:
+            checked_layer(network, image, options.get("layer"), f"explainer.{key}.layer")
 
 
 def _parameterized_names(model: nn.Module) -> List[str]:

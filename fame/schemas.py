@@ -309,6 +309,16 @@ class TrainConfig(EntryConfig):
     module: ModuleKeys = Field(default_factory=ModuleKeys)
     resume: Annotated[Any, BeforeValidator(_resume)]
 
+    @model_validator(mode="after")
+    def _check_training_folder(self) -> "TrainConfig":
+        extra = self.data.model_extra or {}
+        if "train_root" in extra and extra["train_root"] is None:  # configs/data/image_folder.yaml
+            raise refuse(
+                "config key 'data.train_root' has the value None; allowed: the training image folder "
+                "(root/<class>/<image>), e.g. data.train_root=/data/train"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # explain.py

@@ -214,6 +214,11 @@ class ClassificationTask(Task):
     input_spaces = INPUT_SPACES
 
     def explained_dataset(self, data: Any, split: str, limit: Optional[int]) -> Dataset:
+        """The dataset node of ``split`` alone when the data module names one (so explaining an image
+        folder needs no training folder), else the split of the whole data module."""
+        node = data["datamodule"].get(split) if isinstance(data["datamodule"], Mapping) else None
+        if isinstance(node, Mapping) and "_target_" in node:
+            return limited(instantiate(node, f"data.datamodule.{split}"), limit)
         return limited(split_dataset(instantiate(data.datamodule, "data.datamodule"), split), limit)
 
     def batch_method(self, method: Callable[..., MethodResult], target: str, input_space: str) -> BatchMethod:

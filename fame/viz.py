@@ -78,6 +78,45 @@ def save_overlay_grid(
     return save_figure(figure, path)
 
 
+def save_comparison_sheet(
+    images: Sequence,
+    maps: Dict[str, Sequence],
+    path: Union[str, Path],
+    row_titles: Optional[Sequence[str]] = None,
+    masks: Optional[Sequence] = None,
+    alpha: float = 0.5,
+) -> Path:
+    """The paper's comparison figure (README "Real photos"): one row per image, the image with its
+    evidence mask outlined, then FAME's maps (entries named ``fame...``) and each baseline's as
+    overlays. Each map's maximum, the pointing game's point, is marked: a green cross inside the
+    mask (a hit), a red one outside, white without a mask. Written as a PNG."""
+    methods = sorted(maps, key=lambda name: (not name.startswith("fame"), list(maps).index(name)))
+    rows, cols = len(images), 1 + len(methods)
+    figure = Figure(figsize=(1.6 * cols, 1.6 * rows + 0.3))
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        mask = _to_numpy_map(masks[r]) if masks is not None else None
+        axes[r, 0].imshow(_to_numpy_image(images[r]))
+        if mask is not None:
+            axes[r, 0].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        axes[r, 0].set_ylabel(row_titles[r] if row_titles is not None else "", fontsize=8)
+        for c, method in enumerate(methods, start=1):
+            attribution = _to_numpy_map(maps[method][r])
+            axes[r, c].imshow(overlay(images[r], attribution, alpha))
+            if mask is not None:
+                axes[r, c].contour(mask, levels=[0.5], colors="white", linewidths=0.5)
+            row, col = np.unravel_index(int(np.argmax(attribution)), attribution.shape)  # first maximum
+            colour = "white" if mask is None else ("lime" if mask[row, col] >= 0.5 else "red")
+            axes[r, c].plot(col, row, marker="x", markersize=7, markeredgewidth=2, color=colour)
+    for c, name in enumerate(["image", *methods]):
+        axes[0, c].set_title(name, fontsize=9)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout(pad=0.3)
+    return save_figure(figure, path)
+
+
 def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
     """Curves of a training run's CSV log against the epoch: accuracies (train, validation, their
     gap), then the explanation monitor's pointing game and relevance mass per method and mask.

@@ -64,8 +64,35 @@ def test_an_annotation_file_names_only_known_sources_and_valid_boxes(tmp_path) -
     assert "os.system" not in PHOTO_SOURCES
 
 
+def test_a_wrong_layer_is_one_line_before_any_map_is_written(tmp_path) -> None:
+    """The layer names mean the same in the normalized input space (the bare timm network) as in pixels."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "explain.py",
+            "experiment=photos",
+            f"paths.output_dir={tmp_path}",
+            "explainer=[fame,gradcam]",
+            "explainer.gradcam.layer=blocks.9",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith(
+        "explain.py: explainer.gradcam.layer='blocks.9': the model has no submodule named 'blocks.9' (EfficientNet); "
+        "close names: blocks.6, blocks.5"
+    )
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "photos" / "explain" / "maps.zarr").exists()
+
+
 def test_the_photos_experiment_explains_and_scores_the_boxes(tmp_path) -> None:
-    """python explain.py experiment=photos limit=2 explainer=[fame,gradcam] (FAME at 3 steps), then evaluate.py."""
+    """python explain.py experiment=photos limit=2 explainer=[fame,gradcam] (FAME at 25 steps), then evaluate.py
+    and its comparison sheet."""
     common = ["experiment=photos", "limit=2", f"paths.output_dir={tmp_path}"]
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     explain = [
@@ -73,7 +100,7 @@ def test_the_photos_experiment_explains_and_scores_the_boxes(tmp_path) -> None:
         "explain.py",
         *common,
         "explainer=[fame,gradcam]",
-        "explainer.fame.iterations=3",
+        "explainer.fame.iterations=25",
         "trainer.enable_progress_bar=false",
     ]
     done = subprocess.run(explain, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
@@ -92,3 +119,4 @@ def test_the_photos_experiment_explains_and_scores_the_boxes(tmp_path) -> None:
     done = subprocess.run(evaluate, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pointing game" in (tmp_path / "photos" / "evaluate" / "metrics.md").read_text()
+    assert (tmp_path / "photos" / "evaluate" / "comparison.png").stat().st_size > 0

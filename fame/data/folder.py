@@ -1,7 +1,10 @@
 """A generic classification folder (``root/<class>/<image>``) with optional boxes or masks.
 
-Classes are the sorted sub-folders of ``root`` (label = position), images are found recursively
-inside them, and the id of an image is its path relative to ``root`` with ``/`` separators.
+Classes are the sorted sub-folders of ``root`` (label = position), or the lines of a synsets file
+(line ``i`` names the folder of class ``i`` by its first word, e.g. ImageNet's
+``LOC_synset_mapping.txt``, so the labels are a pretrained model's class indices); images are found
+recursively inside the class folders, and the id of an image is its path relative to ``root`` with
+``/`` separators.
 
 Side files, mapped through the same resize/crop as the image:
 
@@ -33,6 +36,34 @@ from fame.data.images import (
 BOX_COLUMNS = ("path", "xmin", "ymin", "xmax", "ymax")
 
 
+def read_class_names(path: str | Path) -> list[str]:
+    """The class folder names of a synsets file: the first word of each non-empty line, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: synsets file not found; expected one line per class, its folder name first.")
+    names = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: no classes found; expected one line per class, its folder name first.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the classes {repeated[:3]} appear more than once.")
+    return names
+
+
+def count_classes(*sources: str | Path | None) -> int | None:
+    """The number of classes of the first source given: the lines of a synsets file or the
+    sub-folders of an image folder (``data.num_classes`` of ``configs/data/image_folder.yaml``);
+    None when no source exists."""
+    for source in sources:
+        if source is None or not Path(source).exists():
+            continue
+        path = Path(source)
+        if path.is_file():
+            return len(read_class_names(path))
+        return sum(1 for entry in path.iterdir() if entry.is_dir())
+    return None
+
+
 def read_box_csv(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
     """Read a ``path,xmin,ymin,xmax,ymax`` CSV into relative path -> list of boxes."""
     path = Path(path)
@@ -62,7 +93,9 @@ class ImageFolderDataset(SkipCorruptDataset):
 
     ``size`` resizes the shorter side (aspect ratio kept) and ``crop`` centre crops (``crop``
     defaults to ``size``, so batches are square); both ``None`` keeps images as they are.
-    ``side_file`` is a box CSV or a mask folder (see the module docstring).
+    ``side_file`` is a box CSV or a mask folder (see the module docstring); ``synsets`` a file
+    naming the class folders in label order (sub-folders it does not name are an error; classes
+    without a folder have no images).
     """
 
     def __init__(
@@ -73,18 +106,27 @@ class ImageFolderDataset(SkipCorruptDataset):
         crop: int | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         skip_corrupt: bool = False,
+        synsets: str | Path | None = None,
     ) -> None:
         super().__init__(skip_corrupt)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: image folder not found.")
         self.transform = ResizeCrop(size, crop if crop is not None else size)
-        self.classes = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
-        if not self.classes:
+        folders = sorted(entry.name for entry in self.root.iterdir() if entry.is_dir())
+        if not folders:
             raise FileNotFoundError(f"{self.root}: no class sub-folders found; expected root/<class>/<image>.")
+        self.classes = folders if synsets is None else read_class_names(synsets)
+        unnamed = [folder for folder in folders if folder not in self.classes]
+        if unnamed:
+            raise ValueError(
+                f"{self.root}: the class folders {unnamed[:3]} are not named in the synsets file {synsets}."
+            )
         suffixes = {extension.lower() for extension in extensions}
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
+            if name not in folders:
+                continue
             files = sorted(p for p in (self.root / name).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             self.samples.extend((path.relative_to(self.root).as_posix(), label) for path in files)
         if not self.samples:

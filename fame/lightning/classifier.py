@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..files import plain
+from ..models import name_target_layer
 from .checkpoints import load_module_checkpoint
 from .schedules import legacy_optimization, optimization, plain_specs
 
@@ -30,7 +31,8 @@ class ImageClassifier(L.LightningModule):
 
     ``model`` is a plain-dict spec with a ``_target_`` (e.g. ``fame.models.SmallCNN``,
     ``fame.models.build_classifier``), kept out of OmegaConf so checkpoints load with
-    ``weights_only=True``; the built network is ``self.model``. ``optimizer`` and ``scheduler``
+    ``weights_only=True``; the built network is ``self.model`` (a ``target_layer`` key names its
+    layer for the explanation methods, :func:`fame.models.name_target_layer`). ``optimizer`` and ``scheduler``
     are ``_partial_`` specs (``configs/module/optimizer/``, ``configs/module/scheduler/``; see
     :func:`fame.lightning.schedules.optimization`); ``scheduler=None`` keeps the learning rate
     constant.
@@ -48,7 +50,11 @@ class ImageClassifier(L.LightningModule):
         optimizer, scheduler = plain_specs(optimizer, scheduler)
         self.save_hyperparameters()
         # build_classifier hands out networks in eval mode; Lightning keeps submodule modes as found.
-        self.model = instantiate(model, _convert_="all").train()
+        # target_layer (configs/model/custom.yaml) names the model's layer for the methods; not the builder's
+        spec = {key: value for key, value in model.items() if key != "target_layer"}
+        self.model = instantiate(spec, _convert_="all").train()
+        if model.get("target_layer") is not None:
+            name_target_layer(self.model, str(model["target_layer"]))
         classes = self._num_classes()
         # ModuleDict keys may not shadow nn.Module attributes ("train"): the stage name is a suffix.
         self.top1 = nn.ModuleDict({f"{s}_": MulticlassAccuracy(classes, top_k=1) for s in ("train", "val", "test")})

@@ -24,4 +24,4 @@ from .heads import AdaFaceHead, ArcFaceHead, CombinedMarginHead, CosFaceHead
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet
 from .onnx import OnnxBackbone, has_baked_normalization, load_onnx_backbone
 from .submodules import find_submodule, module_name
-from .target_layers import target_layer
+from .target_layers import name_target_layer, target_layer

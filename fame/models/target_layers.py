@@ -18,7 +18,7 @@ from .adaface import AdaFaceIR
 from .classifiers import Classifier
 from .face import FaceEmbedder
 from .iresnet import IResNet
-from .submodules import find_submodule
+from .submodules import find_submodule, module_name
 
 _LAYER_OF: list[tuple[type[nn.Module], Callable[[nn.Module], nn.Module]]] = [
     (tv.ResNet, lambda net: net.layer4[-1]),
@@ -52,16 +52,17 @@ def _timm_layer_of() -> list[tuple[type[nn.Module], Callable[[nn.Module], nn.Mod
 def target_layer(model: nn.Module) -> nn.Module:
     """The target layer of ``model``: a :class:`Classifier`, a :class:`FaceEmbedder` or the bare network.
 
-    A network that names its own layer in a ``target_layer`` attribute (e.g. ``SmallCNN``) is taken at its word,
-    as is one whose ``target_layer_name`` names it (``build_classifier(..., target_layer="blocks.5")``).
+    A layer named in ``target_layer_name`` (``build_classifier(..., target_layer="blocks.5")``,
+    :func:`name_target_layer`) comes first; a network that names its own layer in a ``target_layer``
+    attribute (e.g. ``SmallCNN``) is taken at its word.
     """
     net = model.net if isinstance(model, (Classifier, FaceEmbedder)) else model
-    own = getattr(net, "target_layer", None)
-    if isinstance(own, nn.Module):
-        return own
     chosen = getattr(net, "target_layer_name", None)
     if chosen is not None:
         return find_submodule(net, chosen)
+    own = getattr(net, "target_layer", None)
+    if isinstance(own, nn.Module):
+        return own
     families = _LAYER_OF + _timm_layer_of()
     for family, layer_of in families:
         if isinstance(net, family):
@@ -70,6 +71,15 @@ def target_layer(model: nn.Module) -> nn.Module:
     raise ValueError(
         f"No target layer is known for {type(net).__name__} of {type(net).__module__} (known families: {known}). "
         "Name the layer, a (B, C, H, W) feature map that the forward pass runs once, by its dotted name: "
-        "explainer.<method>.layer=<name> in explain.py, model.target_layer=<name> for a build_classifier model, "
+        "explainer.<method>.layer=<name> (one method) in explain.py, model.target_layer=<name> (every method), "
         "or the layer argument in Python. Transformers (ViT, Swin, MaxViT) have no such layer without a reshape."
     )
+
+
+def name_target_layer(model: nn.Module, name: str) -> nn.Module:
+    """Make the submodule ``name`` (with or without the ``net.`` prefix) the target layer that
+    :func:`target_layer` returns for ``model`` (``model.target_layer`` in the configs); returns ``model``.
+    An unknown name is a ValueError listing the closest names."""
+    net = model.net if isinstance(model, (Classifier, FaceEmbedder)) else model
+    net.target_layer_name = module_name(net, find_submodule(net, name))
+    return model

@@ -28,6 +28,7 @@ from ..data.modules import collate_items
 from ..lightning.explain import ExplainProgressBar, Indexed
 from ..lightning.rank_zero import rank_zero_logger
 from ..lightning.score import ScoreModule, ScoreWriter
+from ..metrics.localization import boxes_to_masks
 from ..metrics.scoring import Scoring
 from ..pipeline import build_logger, explained_dataset, explained_model, sanity_records
 from ..provenance import checkpoint_digest
@@ -35,7 +36,7 @@ from ..schemas import SPLITS, EvaluateConfig, check
 from ..store import DamagedMaps, MapStore
 from ..sweeps import read_sweep
 from ..tasks import task_of
-from ..viz import save_overlay_grid
+from ..viz import save_comparison_sheet, save_overlay_grid
 
 log = rank_zero_logger(__name__)
 
@@ -294,14 +295,19 @@ def evaluate(config: DictConfig) -> pd.DataFrame:
     if context["sanity_layers"]:
         figures["sanity"] = report.plot_sanity(summary, context["sanity_layers"], output / "sanity.png")
     figures["overlays"] = example_grid(config, store, context, output / "overlays.png")
+    figures["comparison"] = example_grid(config, store, context, output / "comparison.png", save_comparison_sheet)
     log.info(table)
     log.info(f"wrote {output / 'scores.csv'}, summary.csv, metrics.md and {len(figures)} figures to {output}")
     log_to_wandb(config, summary, table, figures)
     return frame
 
 
-def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], path: Path) -> Optional[Path]:
-    """Example maps of every scored entry on the first ``grid_rows`` samples."""
+def example_grid(
+    config: DictConfig, store: MapStore, context: Dict[str, Any], path: Path, sheet=save_overlay_grid
+) -> Optional[Path]:
+    """Example maps of every scored entry on the first ``grid_rows`` samples, drawn by ``sheet``
+    (:func:`fame.viz.save_overlay_grid`, or :func:`fame.viz.save_comparison_sheet`: FAME first, the
+    pointing game's point marked) over each image with its evidence (a mask, or boxes as a mask)."""
     count = min(config.grid_rows, len(context["rows"]))
     if count == 0:
         return None
@@ -309,15 +315,15 @@ def example_grid(config: DictConfig, store: MapStore, context: Dict[str, Any], p
     items = [dataset[int(r)] for r in rows]
     ids = [str(item["id"]) for item in items]
     shown = task.shown_entries(context["entries"])
+    images = [item[task.image_key] for item in items]
     mask_keys = list(store_config(config, store).data.get("mask_keys") or [])
     mask_key = next((k for k in (task.sample_mask_key(m) for m in mask_keys) if k in items[0]), None)
-    return save_overlay_grid(
-        [item[task.image_key] for item in items],
-        {e: torch.from_numpy(store.read(e, ids)) for e in shown},
-        path,
-        row_titles=ids,
-        masks=[item[mask_key] for item in items] if mask_key else None,
-    )
+    masks = [item[mask_key] for item in items] if mask_key else None
+    if masks is None and "box_mask" in mask_keys and "boxes" in items[0]:
+        size = tuple(images[0].shape[-2:])
+        masks = [boxes_to_masks([item["boxes"]], size)[0] for item in items]
+    maps = {e: torch.from_numpy(store.read(e, ids)) for e in shown}
+    return sheet(images, maps, path, row_titles=ids, masks=masks)
 
 
 def log_to_wandb(config: DictConfig, summary: pd.DataFrame, table: str, figures: Dict[str, Optional[Path]]) -> None:

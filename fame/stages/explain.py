@@ -24,7 +24,14 @@ from ..data.modules import collate_items
 from ..explain import FameConfig
 from ..lightning.explain import ExplainMethod, ExplainModule, ExplainProgressBar, MapWriter, MissingRows
 from ..lightning.rank_zero import rank_zero_logger
-from ..pipeline import BUILD_KEYS, explained_dataset, explained_model, method_options, selected_methods
+from ..pipeline import (
+    BUILD_KEYS,
+    check_method_layers,
+    explained_dataset,
+    explained_model,
+    method_options,
+    selected_methods,
+)
 from ..provenance import checkpoint_digest, environment
 from ..schemas import ExplainConfig, check, fame_options
 from ..store import MapStore, StoreBusy, StoreClaim
@@ -138,6 +145,7 @@ def explain(config: DictConfig) -> MapStore:
     first = dataset[0]
     size = task.image_size(first)
     model = explained_model(config)  # before the store: a refused checkpoint leaves nothing behind
+    check_method_layers(config, model, first)  # every layer name before the store and the first map
     data_identity = without_loader_keys(plain(config.data))
     store = MapStore.create_or_open(
         config.store,

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from ..explain import explain_feature_map, feature_map_size
 from ..featuremap import feature_map_sheet, outside_mass_by_location, subset_grid, summarize_layers
 from ..lightning.rank_zero import rank_zero_logger
-from ..pipeline import explained_dataset, explained_model, selected_methods
+from ..pipeline import checked_layer, explained_dataset, explained_model, selected_methods
 from ..schemas import FeaturemapConfig, check, fame_options
 from ..tasks import explained_inputs, task_of
 
@@ -37,7 +37,13 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     ids = [str(item["id"]) for item in items]
     images, model = explained_inputs(model, pixels, config.input_space)  # the paper perturbs the normalized tensor
     layers = list(settings.layers)
-    by_location = outside_mass_by_location(model, images, layers, fame_config, settings.max_locations, image_ids=ids)
+    for position, name in enumerate(layers):  # every layer name before the first map
+        checked_layer(model, images[:1], name, f"featuremap.layers.{position}")
+    checked_layer(model, images[:1], settings.sheet_layer, "featuremap.sheet_layer")
+    chunk = settings.get("batch_size")  # locations per FAME batch (null: all of a layer's at once)
+    by_location = outside_mass_by_location(
+        model, images, layers, fame_config, settings.max_locations, batch_size=chunk, image_ids=ids
+    )
     summary = summarize_layers(by_location)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -50,7 +56,9 @@ def featuremap(config: DictConfig) -> pd.DataFrame:
     height, width = feature_map_size(model, settings.sheet_layer, images[:1])
     locations = subset_grid(height, width)  # the sheet shows every cell of its layer
     for image, item in zip(images, items):
-        maps = explain_feature_map(model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config)
+        maps = explain_feature_map(
+            model, settings.sheet_layer, image.unsqueeze(0), locations, config=fame_config, batch_size=chunk
+        )
         image = item[task.image_key]
         scale = max(1, 512 // (image.shape[-1] * width))
         feature_map_sheet(
