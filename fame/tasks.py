@@ -169,7 +169,7 @@ class Task:
         ids: Sequence[str],
     ) -> List[Dict[str, Any]]:
         """The task's score rows of one entry's maps (besides localisation), through ``scoring``
-        (:class:`fame.scoring.Scoring`)."""
+        (:class:`fame.metrics.scoring.Scoring`)."""
         return []
 
     # -- the training monitor -----------------------------------------------------------------
