@@ -53,28 +53,43 @@ def save_overlay_grid(
     row_titles: Optional[Sequence[str]] = None,
     masks: Optional[Sequence] = None,
     alpha: float = 0.5,
+    mark_maxima: bool = False,
+    cell_inches: float = 1.9,
 ) -> Path:
     """One row per image: the image (with its evidence mask outlined, if given), then one overlay
-    per method, titled with the method's name. Written as a PNG."""
+    per method, titled with the method's name. Written as a PNG.
+
+    ``mark_maxima`` outlines the mask on every overlay too and marks each map's maximum, the
+    pointing game's point: a green cross inside the mask (a hit), a red one outside, white
+    without a mask."""
     methods = list(maps)
     rows, cols = len(images), 1 + len(methods)
-    figure = Figure(figsize=(1.9 * cols, 1.9 * rows))
+    figure = Figure(figsize=(cell_inches * cols, cell_inches * rows + (0.3 if mark_maxima else 0.0)))
     axes = figure.subplots(rows, cols, squeeze=False)
     for r in range(rows):
+        mask = _to_numpy_map(masks[r]) if masks is not None else None
         axes[r, 0].imshow(_to_numpy_image(images[r]))
-        if masks is not None:
-            axes[r, 0].contour(_to_numpy_map(masks[r]), levels=[0.5], colors="lime", linewidths=0.8)
+        if mask is not None:
+            axes[r, 0].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         if row_titles is not None:
             axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
         for c, method in enumerate(methods, start=1):
-            axes[r, c].imshow(overlay(images[r], maps[method][r], alpha))
-            if r == 0:
-                axes[r, c].set_title(method, fontsize=9)
-        if r == 0:
-            axes[r, 0].set_title("image", fontsize=9)
+            attribution = _to_numpy_map(maps[method][r])
+            axes[r, c].imshow(overlay(images[r], attribution, alpha))
+            if not mark_maxima:
+                continue
+            if mask is not None:
+                axes[r, c].contour(mask, levels=[0.5], colors="white", linewidths=0.5)
+            row, col = np.unravel_index(int(np.argmax(attribution)), attribution.shape)  # first maximum
+            colour = "white" if mask is None else ("lime" if mask[row, col] >= 0.5 else "red")
+            axes[r, c].plot(col, row, marker="x", markersize=7, markeredgewidth=2, color=colour)
+    for c, name in enumerate(["image", *methods]):
+        axes[0, c].set_title(name, fontsize=9)
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
+    if mark_maxima:
+        figure.tight_layout(pad=0.3)
     return save_figure(figure, path)
 
 
@@ -86,35 +101,12 @@ def save_comparison_sheet(
     masks: Optional[Sequence] = None,
     alpha: float = 0.5,
 ) -> Path:
-    """The paper's comparison figure (README "Real photos"): one row per image, the image with its
-    evidence mask outlined, then FAME's maps (entries named ``fame...``) and each baseline's as
-    overlays. Each map's maximum, the pointing game's point, is marked: a green cross inside the
-    mask (a hit), a red one outside, white without a mask. Written as a PNG."""
-    methods = sorted(maps, key=lambda name: (not name.startswith("fame"), list(maps).index(name)))
-    rows, cols = len(images), 1 + len(methods)
-    figure = Figure(figsize=(1.6 * cols, 1.6 * rows + 0.3))
-    axes = figure.subplots(rows, cols, squeeze=False)
-    for r in range(rows):
-        mask = _to_numpy_map(masks[r]) if masks is not None else None
-        axes[r, 0].imshow(_to_numpy_image(images[r]))
-        if mask is not None:
-            axes[r, 0].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-        axes[r, 0].set_ylabel(row_titles[r] if row_titles is not None else "", fontsize=8)
-        for c, method in enumerate(methods, start=1):
-            attribution = _to_numpy_map(maps[method][r])
-            axes[r, c].imshow(overlay(images[r], attribution, alpha))
-            if mask is not None:
-                axes[r, c].contour(mask, levels=[0.5], colors="white", linewidths=0.5)
-            row, col = np.unravel_index(int(np.argmax(attribution)), attribution.shape)  # first maximum
-            colour = "white" if mask is None else ("lime" if mask[row, col] >= 0.5 else "red")
-            axes[r, c].plot(col, row, marker="x", markersize=7, markeredgewidth=2, color=colour)
-    for c, name in enumerate(["image", *methods]):
-        axes[0, c].set_title(name, fontsize=9)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout(pad=0.3)
-    return save_figure(figure, path)
+    """The paper's comparison figure (README "Real photos"): :func:`save_overlay_grid` with FAME's
+    maps (entries named ``fame...``) first, then each baseline's, each map's maximum marked."""
+    order = sorted(maps, key=lambda name: (not name.startswith("fame"), list(maps).index(name)))
+    return save_overlay_grid(
+        images, {name: maps[name] for name in order}, path, row_titles, masks, alpha, mark_maxima=True, cell_inches=1.6
+    )
 
 
 def save_monitor_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
